@@ -10,6 +10,10 @@ import typing
 from typing import Any
 
 
+# Item release years become buckets: 0 unknown, then 5-year buckets from 1900 (data and models).
+NUM_YEAR_BUCKETS = 32
+
+
 class ConfigError(ValueError):
     """A config file, key or value that cannot be used; the message names it."""
 
@@ -120,7 +124,7 @@ _CHOICES = {
 
 
 def load(path: str | pathlib.Path) -> Config:
-    """Runs `get_config()` from a Python config file."""
+    """Runs `get_config()` from a Python config file (validated once overrides are applied)."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -132,7 +136,6 @@ def load(path: str | pathlib.Path) -> Config:
     cfg = module.get_config()
     if not isinstance(cfg, Config):
         raise ConfigError(f"{path}: get_config() returned {type(cfg).__name__}, not recsys Config")
-    validate(cfg)
     return cfg
 
 

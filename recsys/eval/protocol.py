@@ -1,0 +1,81 @@
+"""The evaluation protocol: leave-last-out targets ranked against the whole catalogue."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from flax import nnx
+
+from recsys.config import EvalConfig
+from recsys.data.batches import item_inputs, query_inputs
+from recsys.data.dataset import Dataset, FeatureTables
+from recsys.eval import metrics, ranking
+
+CHUNK = 4096  # rows embedded per jitted call (the last chunk is padded: one compile)
+
+
+@nnx.jit
+def _embed_items(model, batch):
+    return model.embed_items(batch)
+
+
+@nnx.jit
+def _embed_queries(model, batch):
+    return model.embed_query(batch)
+
+
+def _in_chunks(fn, model, inputs: dict) -> np.ndarray:
+    n = len(next(iter(inputs.values())))
+    out = []
+    for start in range(0, n, CHUNK):
+        part = {k: v[start:start + CHUNK] for k, v in inputs.items()}
+        size = len(next(iter(part.values())))
+        if n > CHUNK and size < CHUNK:
+            part = {k: np.concatenate([v, np.repeat(v[-1:], CHUNK - size, axis=0)])
+                    for k, v in part.items()}
+        out.append(np.asarray(fn(model, part))[:size])
+    return np.concatenate(out).astype(np.float32)
+
+
+def item_vectors(model, tables: FeatureTables) -> np.ndarray:
+    """Candidate-tower vectors of every item row (row 0 is padding): [V, D]."""
+    rows = np.arange(len(tables.item_year), dtype=np.int32)
+    return _in_chunks(_embed_items, model, item_inputs(tables, rows))
+
+
+def query_vectors(model, ds: Dataset, positions: np.ndarray) -> np.ndarray:
+    """Query-tower vectors for events at `positions`, from the history strictly before: [Q, D]."""
+    inputs = query_inputs(ds.features, ds.seq_users[positions], ds.history(positions))
+    return _in_chunks(_embed_queries, model, inputs)
+
+
+def eval_positions(ds: Dataset, split: str, cfg: EvalConfig) -> np.ndarray:
+    """The evaluated events: every user's val/test event, or a seeded subset of max_users."""
+    positions = ds.eval_positions(split)
+    if 0 < cfg.max_users < len(positions):
+        keep = np.random.default_rng(0).choice(len(positions), cfg.max_users, replace=False)
+        positions = positions[np.sort(keep)]
+    return positions
+
+
+@dataclasses.dataclass
+class RetrievalEval:
+    metrics: dict  # hr@K..., ndcg@10
+    positions: np.ndarray  # [Q] evaluated events
+    query_vectors: np.ndarray  # [Q, D]
+    item_vectors: np.ndarray  # [V, D]
+    ranks: np.ndarray  # [Q] 0-based rank of each target
+
+
+def evaluate_retrieval(model, ds: Dataset, split: str, cfg: EvalConfig) -> RetrievalEval:
+    """Ranks each target among all items, excluding the user's earlier items; ties count against."""
+    model.eval()
+    positions = eval_positions(ds, split, cfg)
+    q_QxD = query_vectors(model, ds, positions)
+    items_VxD = item_vectors(model, ds.features)
+    offsets, excluded = ds.earlier_items(positions)
+    ranks = ranking.target_ranks(q_QxD, items_VxD, ds.seq_items[positions], offsets, excluded,
+                                 item_chunk=cfg.item_chunk)
+    return RetrievalEval(metrics.ranking_metrics(ranks, cfg.ks), positions, q_QxD, items_VxD,
+                         np.asarray(ranks))

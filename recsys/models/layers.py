@@ -1,0 +1,61 @@
+"""Building blocks shared by the towers and the ranker: sharded tables, MLPs, history pooling."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+# Table rows are padded to a multiple of this, so a table divides evenly over any mesh of up to
+# ROW_MULTIPLE devices and a checkpoint restores onto another device count with the same shape.
+ROW_MULTIPLE = 128
+
+
+def padded_rows(num_rows: int) -> int:
+    return -(-num_rows // ROW_MULTIPLE) * ROW_MULTIPLE
+
+
+def table(num_rows: int, dim: int, rngs: nnx.Rngs, scale: float = 0.05) -> nnx.Embed:
+    """A row-sharded embedding table ('vocab', 'embed') with padded rows."""
+    init = nnx.with_partitioning(nnx.initializers.normal(scale), ("vocab", "embed"))
+    return nnx.Embed(padded_rows(num_rows), dim, embedding_init=init, rngs=rngs)
+
+
+def small_table(num_rows: int, dim: int, rngs: nnx.Rngs, scale: float = 0.05) -> nnx.Embed:
+    """A replicated table for small vocabularies (features such as genre, year, occupation)."""
+    init = nnx.with_partitioning(nnx.initializers.normal(scale), (None, "embed"))
+    return nnx.Embed(max(num_rows, 1), dim, embedding_init=init, rngs=rngs)
+
+
+def dense(in_dim: int, out_dim: int, rngs: nnx.Rngs) -> nnx.Linear:
+    kernel_init = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("embed", "hidden"))
+    return nnx.Linear(in_dim, out_dim, kernel_init=kernel_init, rngs=rngs)
+
+
+class MLP(nnx.Module):
+    """ReLU layers of the given widths, then a linear layer to `out_dim`."""
+
+    def __init__(self, in_dim: int, hidden: tuple[int, ...], out_dim: int, dropout: float,
+                 rngs: nnx.Rngs):
+        dims = (in_dim, *hidden)
+        self.hidden = nnx.List([dense(a, b, rngs) for a, b in zip(dims[:-1], dims[1:])])
+        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+        self.out = dense(dims[-1], out_dim, rngs)
+
+    def __call__(self, x_BxI):
+        for layer in self.hidden:
+            x_BxI = self.dropout(nnx.relu(layer(x_BxI)))
+        return self.out(x_BxI)
+
+
+def pool_history(emb_BxLxE, history_BxL, pooling: str, decay: float):
+    """Pools history item embeddings (0 = padding, most recent last) into one vector per row.
+
+    "mean" averages the real items; "recency" weights the item k steps back by decay**k.
+    """
+    mask_BxL = (history_BxL > 0).astype(emb_BxLxE.dtype)
+    if pooling == "recency":
+        length = history_BxL.shape[1]
+        steps_back_L = jnp.arange(length - 1, -1, -1, dtype=emb_BxLxE.dtype)
+        mask_BxL = mask_BxL * decay ** steps_back_L[None, :]
+    total_Bx1 = jnp.maximum(mask_BxL.sum(axis=1, keepdims=True), 1e-6)
+    return jnp.einsum("bl,ble->be", mask_BxL, emb_BxLxE) / total_Bx1

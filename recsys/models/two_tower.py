@@ -1,0 +1,78 @@
+"""The two-tower retrieval model: a query tower and a candidate tower sharing one item table."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from recsys.config import NUM_YEAR_BUCKETS, ModelConfig
+from recsys.models import layers
+
+@dataclasses.dataclass(frozen=True)
+class Vocabularies:
+    """Table sizes a model is built for (written to manifests and checked at restore)."""
+
+    num_users: int  # user vocabulary rows, incl. the unknown row 0
+    num_items: int  # item vocabulary rows, incl. the padding row 0
+    num_genres: int  # width of the multi-hot genre vector
+    user_cardinalities: tuple[int, ...] = ()  # vocabulary size of each user feature
+
+
+class TwoTower(nnx.Module):
+    """Query tower (user id, pooled history, user features) and candidate tower (id, genres, year).
+
+    Both end in L2-normalised D-dim vectors; the score of a pair is q·c / temperature.
+    """
+
+    def __init__(self, cfg: ModelConfig, vocab: Vocabularies, rngs: nnx.Rngs):
+        self.cfg = cfg
+        e = cfg.embed_dim
+        self.item_table = layers.table(vocab.num_items, e, rngs)
+        self.user_table = layers.table(vocab.num_users, e, rngs) if cfg.use_user_id else None
+        self.user_feature_tables = nnx.List(
+            [layers.small_table(n, e, rngs) for n in vocab.user_cardinalities]
+            if cfg.use_features else [])
+        self.genre_proj = layers.dense(vocab.num_genres, e, rngs) if cfg.use_features else None
+        self.year_table = layers.small_table(NUM_YEAR_BUCKETS, e, rngs) if cfg.use_features else None
+        query_in = e * (1 + int(cfg.use_user_id) + int(bool(self.user_feature_tables)))
+        item_in = e * (1 + 2 * int(cfg.use_features))
+        self.query_mlp = layers.MLP(query_in, cfg.hidden_dims, cfg.out_dim, cfg.dropout, rngs)
+        self.item_mlp = layers.MLP(item_in, cfg.hidden_dims, cfg.out_dim, cfg.dropout, rngs)
+        self.log_temperature = nnx.Param(jnp.asarray(np.log(cfg.temperature), jnp.float32))
+
+    def temperature(self):
+        t = self.log_temperature[...]
+        if not self.cfg.learn_temperature:
+            t = jnp.asarray(np.log(self.cfg.temperature), jnp.float32)
+        return jnp.exp(t)
+
+    def embed_query(self, batch: dict):
+        """[B, D] normalised query vectors from user, history [B, L] and user_feats [B, F]."""
+        history_BxL = batch["history"]
+        hist_BxE = layers.pool_history(self.item_table(history_BxL), history_BxL,
+                                       self.cfg.history_pooling, self.cfg.recency_decay)
+        parts = [hist_BxE]
+        if self.user_table is not None:
+            parts.append(self.user_table(batch["user"]))
+        if len(self.user_feature_tables):
+            feats_BxF = batch["user_feats"]
+            parts.append(sum(t(feats_BxF[:, i]) for i, t in enumerate(self.user_feature_tables)))
+        return _normalize(self.query_mlp(jnp.concatenate(parts, axis=-1)))
+
+    def embed_items(self, batch: dict):
+        """[B, D] normalised item vectors from item [B], item_genres [B, G], item_year [B]."""
+        parts = [self.item_table(batch["item"])]
+        if self.genre_proj is not None:
+            parts.append(self.genre_proj(batch["item_genres"]))
+            parts.append(self.year_table(batch["item_year"]))
+        return _normalize(self.item_mlp(jnp.concatenate(parts, axis=-1)))
+
+    def __call__(self, batch: dict):
+        return self.embed_query(batch), self.embed_items(batch), self.temperature()
+
+
+def _normalize(x_BxD):
+    return x_BxD / jnp.sqrt(jnp.maximum(jnp.sum(x_BxD * x_BxD, axis=-1, keepdims=True), 1e-12))

@@ -1,0 +1,186 @@
+"""The whole funnel, end to end: data -> retrieval -> ranker -> artifacts + index -> evaluation."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+
+import jax
+import numpy as np
+
+from recsys import config as config_lib
+from recsys import index as index_lib
+from recsys import sharding
+from recsys.config import Config
+from recsys.data import dataset as dataset_lib
+from recsys.data.sources import load_raw
+from recsys.eval import metrics as metrics_lib
+from recsys.eval import protocol
+from recsys.export import export_artifacts
+from recsys.serve import Recommender
+from recsys.train.loop import train_retrieval
+from recsys.train.ranker import train_ranker
+
+EVAL_BATCH = 512  # requests per recommend_batch call in the pipeline evaluation
+
+
+def load_data(cfg: Config) -> dataset_lib.Dataset:
+    raw = load_raw(cfg.data)
+    return dataset_lib.build(raw, cfg.data)
+
+
+def run(cfg: Config, workdir: pathlib.Path, *, export: bool = True) -> dict:
+    """Trains both models, exports artifacts with a fresh index, evaluates every stage."""
+    t0 = time.time()
+    workdir = pathlib.Path(workdir)
+    _prepare_workdir(cfg, workdir)
+    ds = load_data(cfg)
+    mesh = sharding.make_mesh(cfg.mesh)
+    _log(f"{ds.name}: {ds.num_users} users, {ds.num_items} items, {len(ds.seq_items)} events; "
+         f"mesh {dict(mesh.shape)}")
+
+    retrieval = train_retrieval(cfg, ds, workdir, mesh)
+    metrics = {"dataset": ds.name, "num_items": ds.num_items, "num_users": ds.num_users,
+               **retrieval.metrics}
+    ev = protocol.evaluate_retrieval(retrieval.model(), ds, "test", cfg.eval)
+    metrics.update({f"retrieval/{k}": v for k, v in ev.metrics.items()})
+    r = cfg.serve.num_candidates
+    metrics[f"retrieval/recall@{r}"] = float(np.mean(ev.ranks < r))
+
+    ranker, ranker_inputs = (None, None)
+    if cfg.train.ranker_steps > 0:
+        ranker, ranker_inputs = train_ranker(cfg, ds, retrieval, workdir, mesh)
+        metrics.update(ranker.metrics)
+
+    if export and jax.process_index() == 0:
+        out, searcher = export_artifacts(
+            workdir / "artifacts", cfg=cfg, ds=ds, two_tower=retrieval.model(),
+            item_vectors=ev.item_vectors, ranker=ranker.model() if ranker else None,
+            ranker_inputs=ranker_inputs, manifest={"metrics": dict(metrics)})
+        metrics["index/recall@10"] = index_recall(searcher, ev.item_vectors, ev.query_vectors)
+        metrics.update(evaluate_pipeline(out, ds, ev.positions, cfg))
+    metrics["wall_seconds"] = time.time() - t0
+    write_metrics(workdir, metrics)
+    return metrics
+
+
+def index_recall(searcher, items_VxD: np.ndarray, q_QxD: np.ndarray, k: int = 10) -> float:
+    """Recall@k of the ANN index against exact search on the same query vectors."""
+    valid = np.ones(len(items_VxD), bool)
+    valid[0] = False
+    exact = index_lib.ExactSearcher(items_VxD, valid)
+    return index_lib.recall_at_k(searcher.search(q_QxD, k)[1], exact.search(q_QxD, k)[1])
+
+
+def evaluate_pipeline(artifacts_dir: pathlib.Path, ds: dataset_lib.Dataset,
+                      positions: np.ndarray, cfg: Config) -> dict:
+    """HR@10 and NDCG@10 of the final lists the Recommender serves for each test event."""
+    rec = Recommender.load(artifacts_dir)
+    users = ds.users.raw(ds.seq_users[positions])
+    lists, totals = [], []
+    for lo in range(0, len(users), EVAL_BATCH):
+        out = rec.recommend_batch([{"user_id": u, "k": 10} for u in users[lo:lo + EVAL_BATCH]])
+        lists += [ds.items.lookup(np.asarray(o.items, dtype=ds.items.ids.dtype))
+                  if o.items else np.zeros(0, np.int32) for o in out]
+        totals.append(out[0].timings["total"] / len(out) if out else 0.0)
+    ranked = np.full((len(lists), 10), -1, np.int64)
+    for i, row in enumerate(lists):
+        ranked[i, :len(row)] = row
+    targets = ds.seq_items[positions]
+    return {"pipeline/hr@10": metrics_lib.hit_rate_at_k(ranked, targets, 10),
+            "pipeline/ndcg@10": metrics_lib.ndcg_at_k(ranked, targets, 10),
+            "pipeline/batched_ms_per_request": float(np.mean(totals)),
+            "ordering/intra_list_diversity": metrics_lib.intra_list_diversity(
+                ranked, ds.features.item_genres),
+            "ordering/catalog_coverage": metrics_lib.catalog_coverage(ranked, ds.num_items)}
+
+
+def _prepare_workdir(cfg: Config, workdir: pathlib.Path) -> None:
+    workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(config_lib.dumps(cfg))
+
+
+def write_metrics(workdir: pathlib.Path, metrics: dict) -> None:
+    """Merges into workdir/metrics.json (process 0 only), replacing the file atomically."""
+    if jax.process_index() != 0:
+        return
+    path = pathlib.Path(workdir) / "metrics.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({**old, **metrics}, indent=2, sort_keys=True,
+                              default=lambda x: x.item() if hasattr(x, "item") else str(x)))
+    tmp.replace(path)
+
+
+def _log(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+def _trained(cfg: Config, workdir: pathlib.Path, *, require_checkpoint: bool):
+    """Data, mesh and both models (restored from the workdir; trained if allowed and missing)."""
+    workdir = pathlib.Path(workdir)
+    if require_checkpoint and not (workdir / "checkpoints" / "retrieval").is_dir():
+        raise config_lib.ConfigError(f"no checkpoint in {workdir}/checkpoints: "
+                                     f"run `recsys train` with this --workdir first")
+    _prepare_workdir(cfg, workdir)
+    ds = load_data(cfg)
+    mesh = sharding.make_mesh(cfg.mesh)
+    retrieval = train_retrieval(cfg, ds, workdir, mesh)
+    ranker = train_ranker(cfg, ds, retrieval, workdir, mesh) if cfg.train.ranker_steps else None
+    return ds, retrieval, ranker
+
+
+def train(cfg: Config, workdir: pathlib.Path) -> dict:
+    """`recsys train`: both models; writes the train/* (and ranker/*) keys to metrics.json."""
+    t0 = time.time()
+    ds, retrieval, ranker = _trained(cfg, workdir, require_checkpoint=False)
+    metrics = {"dataset": ds.name, "num_items": ds.num_items, "num_users": ds.num_users,
+               **retrieval.metrics, **(ranker[0].metrics if ranker else {}),
+               "wall_seconds": time.time() - t0}
+    write_metrics(workdir, metrics)
+    return metrics
+
+
+def export(cfg: Config, workdir: pathlib.Path) -> pathlib.Path:
+    """`recsys export`: artifacts (and a fresh index) from the workdir's checkpoints."""
+    ds, retrieval, ranker = _trained(cfg, workdir, require_checkpoint=True)
+    model = retrieval.model()
+    items_VxD = protocol.item_vectors(model, ds.features)
+    out, _ = export_artifacts(pathlib.Path(workdir) / "artifacts", cfg=cfg, ds=ds, two_tower=model,
+                              item_vectors=items_VxD, ranker=ranker[0].model() if ranker else None,
+                              ranker_inputs=ranker[1] if ranker else None)
+    return out
+
+
+def evaluate(cfg: Config, workdir: pathlib.Path) -> dict:
+    """`recsys eval`: test metrics of retrieval (checkpoint), the index and the served pipeline."""
+    workdir = pathlib.Path(workdir)
+    ds, retrieval, _ = _trained(cfg, workdir, require_checkpoint=True)
+    ev = protocol.evaluate_retrieval(retrieval.model(), ds, "test", cfg.eval)
+    metrics = {"dataset": ds.name, "num_items": ds.num_items, "num_users": ds.num_users,
+               **{f"retrieval/{k}": v for k, v in ev.metrics.items()}}
+    artifacts_dir = workdir / "artifacts"
+    if (artifacts_dir / "manifest.json").is_file():
+        searcher = index_lib.load(artifacts_dir / "index")
+        metrics["index/recall@10"] = index_recall(searcher, ev.item_vectors, ev.query_vectors)
+        metrics.update(evaluate_pipeline(artifacts_dir, ds, ev.positions, cfg))
+    write_metrics(workdir, metrics)
+    return metrics
+
+
+def rebuild_index(artifacts_dir: pathlib.Path, overrides: list[str]) -> dict:
+    """`recsys index`: rebuilds the searcher with new index.* settings; returns its recall@10."""
+    from recsys.artifacts import verify
+    from recsys.export import rewrite_index
+    manifest = verify(artifacts_dir)
+    cfg = config_lib.apply_overrides(config_lib.from_dict(manifest["config"]), overrides)
+    items_VxD = np.load(pathlib.Path(artifacts_dir) / "item_vectors.npy")
+    searcher = rewrite_index(pathlib.Path(artifacts_dir), items_VxD, cfg)
+    rng = np.random.default_rng(0)
+    q_QxD = items_VxD[rng.integers(1, len(items_VxD), min(1000, len(items_VxD) - 1))]
+    q_QxD = q_QxD + 0.1 * rng.standard_normal(q_QxD.shape).astype(np.float32)
+    return {"index": cfg.index.kind, "num_items": len(items_VxD) - 1,
+            "recall@10_on_item_neighbourhood_queries": index_recall(searcher, items_VxD, q_QxD)}

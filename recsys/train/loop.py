@@ -1,0 +1,128 @@
+"""Retrieval training, top to bottom: data -> state -> restore-or-init -> jitted step -> loop."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import time
+
+import jax
+from tqdm import tqdm
+
+from recsys import config as config_lib
+from recsys import sharding
+from recsys.config import Config
+from recsys.data.batches import BatchOrder, example_inputs
+from recsys.data.dataset import Dataset
+from recsys.eval import protocol
+from recsys.models import losses
+from recsys.models.two_tower import TwoTower, Vocabularies
+from recsys.train import checkpoint, state as state_lib, steps
+
+
+@dataclasses.dataclass
+class Trained:
+    graphdef: object
+    state: object  # (model, optimizer) arrays
+    metrics: dict  # train/* keys
+
+    def model(self):
+        return steps.model_of(self.graphdef, self.state)
+
+
+def vocabularies(ds: Dataset) -> Vocabularies:
+    return Vocabularies(num_users=ds.users.size, num_items=ds.items.size,
+                        num_genres=ds.features.item_genres.shape[1],
+                        user_cardinalities=ds.features.user_cardinalities)
+
+
+def train_retrieval(cfg: Config, ds: Dataset, workdir: pathlib.Path,
+                    mesh: jax.sharding.Mesh) -> Trained:
+    """Trains the two-tower model for cfg.train.num_steps, resuming from workdir's checkpoints."""
+    tc = cfg.train
+    # Data: training targets and a batch order that is a pure function of (seed, step).
+    positions = ds.train_positions(cfg.data.trained_on, cfg.data.max_examples_per_user)
+    order = BatchOrder(positions, tc.batch_size, tc.seed)
+    log_q_V = losses.log_sampling_probability(ds.item_counts(positions))
+    if tc.batch_size % jax.process_count():
+        raise config_lib.ConfigError(f"train.batch_size={tc.batch_size} must divide evenly over "
+                                     f"{jax.process_count()} processes")
+
+    # Model and optimizer, born sharded on the mesh.
+    vocab = vocabularies(ds)
+    graphdef, state, shardings = state_lib.create(
+        lambda rngs: TwoTower(cfg.model, vocab, rngs), state_lib.make_optimizer(tc), tc.seed, mesh)
+
+    # Resume order: (1) this workdir's latest checkpoint, (2) fresh init.
+    mngr = checkpoint.make_manager(workdir / "checkpoints" / "retrieval", tc)
+    expected = {"vocab": dataclasses.asdict(vocab) | {"user_cardinalities": list(
+        vocab.user_cardinalities)}, "model": config_lib.to_dict(cfg)["model"]}
+    restored = checkpoint.restore_or_none(mngr, state_lib.abstract_state(state, shardings), expected)
+    start, loss = 0, float("nan")
+    if restored is not None:
+        state, meta = restored
+        start, loss = meta["step"], meta["loss"]
+
+    train_step = steps.make_train_step(graphdef, steps.retrieval_loss, tc, shardings, mesh)
+    pidx, pcount = jax.process_index(), jax.process_count()
+
+    def batch_at(step):
+        batch = example_inputs(ds, order.at(step, pidx, pcount))
+        batch["log_q"] = log_q_V[batch["item"]]
+        return sharding.shard_batch(batch, mesh)
+
+    # Loop: step, log, evaluate on validation (early stopping), checkpoint.
+    best = {"hr@10": -1.0, "step": start, "state": None, "bad_evals": 0}
+    timed_examples, timed_seconds, step = 0, 0.0, start
+    bar = tqdm(total=tc.num_steps, initial=start, desc="retrieval", dynamic_ncols=True,
+               disable=True if pidx != 0 else None)
+    with jax.set_mesh(mesh):
+        while step < tc.num_steps:
+            batch = batch_at(step)
+            t0 = time.perf_counter()
+            state, loss_arr = train_step(state, batch)
+            step += 1
+            bar.update(1)
+            if step > start + 1:  # the first step compiles
+                loss_arr.block_until_ready()
+                timed_seconds += time.perf_counter() - t0
+                timed_examples += tc.batch_size
+            if step % tc.log_every == 0 or step == tc.num_steps:
+                loss = float(loss_arr)
+                bar.set_postfix(loss=f"{loss:.4f}",
+                                ex_s=f"{timed_examples / max(timed_seconds, 1e-9):.0f}")
+            if tc.eval_every and (step % tc.eval_every == 0 or step == tc.num_steps):
+                if _evaluate_and_keep_best(cfg, ds, graphdef, state, step, best):
+                    bar.write(f"early stopping at step {step}: best validation hr@10 "
+                              f"{best['hr@10']:.4f} at step {best['step']}")
+                    break
+            if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < tc.num_steps:
+                checkpoint.save(mngr, step, state, {**expected, "step": step, "loss": float(loss_arr)})
+        if step > start:
+            loss = float(loss_arr)
+            if best["state"] is not None:  # keep the best validated state
+                state = best["state"]
+            checkpoint.save(mngr, step, state, {**expected, "step": step, "loss": loss})
+        checkpoint.wait(mngr)
+        mngr.close()
+    bar.close()
+    metrics = {"train/steps": step, "train/final_loss": loss,
+               "train/examples_per_sec": timed_examples / timed_seconds if timed_seconds else 0.0,
+               "eval/trained_on": cfg.data.trained_on}
+    if best["state"] is not None:
+        metrics["train/best_val_hr@10"] = best["hr@10"]
+        metrics["train/best_step"] = best["step"]
+    return Trained(graphdef, state, metrics)
+
+
+def _evaluate_and_keep_best(cfg: Config, ds: Dataset, graphdef, state, step: int, best: dict):
+    """Validation HR@10; keeps a copy of the best state. Returns True when patience runs out."""
+    result = protocol.evaluate_retrieval(steps.model_of(graphdef, state), ds, "val", cfg.eval)
+    hr = result.metrics["hr@10"]
+    if hr > best["hr@10"]:
+        best.update({"hr@10": hr, "step": step, "bad_evals": 0,
+                     "state": jax.tree.map(lambda x: x.copy(), state)})
+        return False
+    best["bad_evals"] += 1
+    patience = cfg.train.early_stopping_patience
+    return patience > 0 and best["bad_evals"] >= patience
