@@ -10,6 +10,7 @@ from recsys.config import NUM_YEAR_BUCKETS, DataConfig
 from recsys.data.schema import DataError, RawData
 from recsys.data.vocab import Vocab
 
+
 @dataclasses.dataclass(frozen=True)
 class FeatureTables:
     """Side features by vocabulary index; row 0 is the unknown/padding row.

@@ -11,6 +11,7 @@ from flax import nnx
 from recsys.config import NUM_YEAR_BUCKETS, ModelConfig
 from recsys.models import layers
 
+
 @dataclasses.dataclass(frozen=True)
 class Vocabularies:
     """Table sizes a model is built for (written to manifests and checked at restore)."""

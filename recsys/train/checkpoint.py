@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
 
 import jax
@@ -18,6 +19,11 @@ def make_manager(directory: pathlib.Path, cfg: TrainConfig) -> ocp.CheckpointMan
     options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints,
                                            enable_async_checkpointing=True)
     return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options)
+
+
+def as_json(meta: dict) -> dict:
+    """The form metadata takes after a JSON round trip (tuples become lists), for comparisons."""
+    return json.loads(json.dumps(meta))
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict) -> None:

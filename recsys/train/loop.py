@@ -17,7 +17,11 @@ from recsys.data.dataset import Dataset
 from recsys.eval import protocol
 from recsys.models import losses
 from recsys.models.two_tower import TwoTower, Vocabularies
-from recsys.train import checkpoint, state as state_lib, steps
+from recsys.train import checkpoint, steps
+from recsys.train import state as state_lib
+
+# Model fields that decide parameter shapes: a checkpoint made with other values is refused.
+SHAPE_FIELDS = ("embed_dim", "hidden_dims", "out_dim", "use_user_id", "use_features")
 
 
 @dataclasses.dataclass
@@ -55,8 +59,9 @@ def train_retrieval(cfg: Config, ds: Dataset, workdir: pathlib.Path,
 
     # Resume order: (1) this workdir's latest checkpoint, (2) fresh init.
     mngr = checkpoint.make_manager(workdir / "checkpoints" / "retrieval", tc)
-    expected = {"vocab": dataclasses.asdict(vocab) | {"user_cardinalities": list(
-        vocab.user_cardinalities)}, "model": config_lib.to_dict(cfg)["model"]}
+    expected = checkpoint.as_json({
+        **{f"vocab.{k}": v for k, v in dataclasses.asdict(vocab).items()},
+        **{f"model.{k}": getattr(cfg.model, k) for k in SHAPE_FIELDS}})
     restored = checkpoint.restore_or_none(mngr, state_lib.abstract_state(state, shardings), expected)
     start, loss = 0, float("nan")
     if restored is not None:

@@ -16,7 +16,8 @@ from recsys.data.dataset import Dataset, FeatureTables
 from recsys.eval import metrics, protocol, ranking
 from recsys.models import losses
 from recsys.models.ranker import Ranker
-from recsys.train import checkpoint, state as state_lib, steps
+from recsys.train import checkpoint, steps
+from recsys.train import state as state_lib
 from recsys.train.loop import Trained, vocabularies
 
 
@@ -80,8 +81,10 @@ def train_ranker(cfg: Config, ds: Dataset, retrieval: Trained, workdir: pathlib.
         lambda rngs: Ranker(cfg.model, vocab, rngs),
         state_lib.make_optimizer(tc, tc.ranker_learning_rate), tc.seed + 1, mesh)
     mngr = checkpoint.make_manager(workdir / "checkpoints" / "ranker", tc)
-    expected = {"ranker_hidden_dims": list(cfg.model.ranker_hidden_dims),
-                "num_genres": vocab.num_genres}
+    expected = checkpoint.as_json({"model.ranker_hidden_dims": cfg.model.ranker_hidden_dims,
+                                   "model.out_dim": cfg.model.out_dim, **{
+                                       f"vocab.{k}": v for k, v in dataclasses.asdict(vocab).items()
+                                       if k != "num_items"}})
     restored = checkpoint.restore_or_none(mngr, state_lib.abstract_state(state, shardings), expected)
     start, loss = (restored[1]["step"], restored[1]["loss"]) if restored else (0, float("nan"))
     if restored:

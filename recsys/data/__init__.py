@@ -1,0 +1,1 @@
+"""Data: sources (synthetic, MovieLens, TFDS), vocabularies, the split, features and batches."""

@@ -1,0 +1,102 @@
+"""Vocabularies, the leave-last-out split, histories without leakage, batch order."""
+
+import numpy as np
+import pytest
+
+from recsys.config import DataConfig
+from recsys.data import dataset
+from recsys.data.batches import BatchOrder, example_inputs
+from recsys.data.schema import DataError, ItemInfo, RawData
+from recsys.data.vocab import Vocab
+
+
+def _raw(user_ids, item_ids, times, catalogue=None):
+    catalogue = np.array(sorted(set(item_ids)) if catalogue is None else catalogue)
+    items = ItemInfo(ids=catalogue, genres=np.zeros((len(catalogue), 2), bool),
+                     genre_names=("a", "b"), year=np.zeros(len(catalogue), np.int32))
+    return RawData("toy", np.array(user_ids), np.array(item_ids), np.array(times, np.int64), items)
+
+
+def test_vocab_maps_raw_ids_both_ways_and_unknown_to_zero():
+    v = Vocab(np.array([30, 10, 20, 10]))
+    assert v.size == 4
+    np.testing.assert_array_equal(v.lookup([10, 20, 30, 99]), [1, 2, 3, 0])
+    np.testing.assert_array_equal(v.lookup(["20", "x", 1.5]), [2, 0, 0])  # str ids of an int vocab
+    np.testing.assert_array_equal(v.raw([3, 1]), [30, 10])
+    s = Vocab(np.array(["b", "a"]))
+    np.testing.assert_array_equal(s.lookup(["a", "b", "c", 7]), [1, 2, 0, 0])
+
+
+def test_split_is_leave_last_out_by_time_with_ties_in_file_order():
+    # user 7: events at t=5,1,3,3 (the two t=3 events keep file order: item 12 before 13).
+    raw = _raw([7, 7, 7, 7, 8, 8, 8], [10, 11, 12, 13, 10, 11, 12], [5, 1, 3, 3, 9, 8, 7])
+    ds = dataset.build(raw, DataConfig(history_len=3))
+    u7, u8 = ds.users.lookup([7, 8])
+    seq7 = ds.items.raw(ds.seq_items[ds.offsets[u7]:ds.offsets[u7 + 1]])
+    np.testing.assert_array_equal(seq7, [11, 12, 13, 10])
+    test, val = ds.eval_positions("test"), ds.eval_positions("val")
+    assert ds.items.raw(ds.seq_items[test]).tolist() == [10, 10]
+    assert ds.items.raw(ds.seq_items[val]).tolist() == [13, 11]
+    train_only = ds.items.raw(ds.seq_items[ds.train_positions("train")]).tolist()
+    assert train_only == [11, 12, 12]
+    assert len(ds.train_positions("train+val")) == 5
+
+
+def test_history_is_strictly_before_the_event_and_left_padded():
+    raw = _raw([1] * 5, [10, 11, 12, 13, 14], [1, 2, 3, 4, 5])
+    ds = dataset.build(raw, DataConfig(history_len=3))
+    test = ds.eval_positions("test")
+    hist = ds.history(test)
+    np.testing.assert_array_equal(ds.items.raw(hist[0]), [11, 12, 13])
+    first = ds.history(np.array([ds.offsets[1]]))
+    np.testing.assert_array_equal(first, [[0, 0, 0]])
+    second = ds.history(np.array([ds.offsets[1] + 1]))
+    assert second[0, :2].tolist() == [0, 0] and ds.items.raw(second[0, 2:]).tolist() == [10]
+    offsets, excluded = ds.earlier_items(test)
+    assert ds.items.raw(excluded).tolist() == [10, 11, 12, 13]
+    assert offsets.tolist() == [0, 4]
+
+
+def test_no_leakage_on_synthetic_data():
+    from recsys.data.synthetic import generate
+    ds = dataset.build(generate(DataConfig(num_users=200, num_items=300)), DataConfig(history_len=8))
+    positions = ds.train_positions("train+val")
+    hist = ds.history(positions)
+    # Every history item occurs strictly earlier in the same user's sequence.
+    for p, h in zip(positions[:500], hist[:500]):
+        start = ds.offsets[ds.seq_users[p]]
+        earlier = ds.seq_items[start:p]
+        real = h[h > 0]
+        np.testing.assert_array_equal(real, earlier[-len(real):] if len(real) else real)
+        assert ds.seq_items[p] not in real
+    # No test target is a training target.
+    test = ds.eval_positions("test")
+    assert not np.isin(test, positions).any()
+
+
+def test_users_with_too_few_events_are_dropped_and_unknown_items_ignored():
+    raw = _raw([1, 1, 1, 2, 2], [10, 11, 99, 10, 11], [1, 2, 3, 1, 2], catalogue=[10, 11])
+    with pytest.raises(DataError, match="min_user_events"):
+        dataset.build(raw, DataConfig(min_user_events=3))
+    ds = dataset.build(raw, DataConfig(min_user_events=2))
+    assert ds.num_users == 2 and ds.num_items == 2 and len(ds.seq_items) == 4
+
+
+def test_batch_order_is_seeded_resumable_and_covers_each_epoch():
+    positions = np.arange(100, 200)
+    a, b = BatchOrder(positions, 32, seed=3), BatchOrder(positions, 32, seed=3)
+    first = [a.at(s) for s in range(10)]
+    np.testing.assert_array_equal(b.at(7), first[7])  # resuming at step 7 sees the same batch
+    epoch = np.concatenate(first)[:100]
+    assert sorted(epoch.tolist()) == list(range(100, 200))
+    assert not np.array_equal(BatchOrder(positions, 32, seed=4).at(0), first[0])
+    halves = np.concatenate([a.at(5, 0, 2), a.at(5, 1, 2)])
+    np.testing.assert_array_equal(halves, first[5])
+
+
+def test_example_inputs_shapes():
+    from recsys.data.synthetic import generate
+    ds = dataset.build(generate(DataConfig(num_users=50, num_items=80)), DataConfig(history_len=6))
+    batch = example_inputs(ds, ds.train_positions("train")[:16])
+    assert batch["history"].shape == (16, 6) and batch["item"].shape == (16,)
+    assert batch["item_genres"].shape[0] == 16 and batch["user_feats"].shape[0] == 16
