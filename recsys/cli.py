@@ -147,7 +147,7 @@ def _summary(metrics: dict, workdir: pathlib.Path) -> None:
     artifacts = workdir / "artifacts"
     if (artifacts / "manifest.json").is_file():
         from recsys.serve import Recommender
-        rec = Recommender.load(artifacts, warmup=False)
+        rec = Recommender.load(artifacts)
         user = rec.a.users.ids[0]
         print(f"\nsample: recsys serve --artifacts {artifacts} --user {user}")
         _print_recommendation(rec.recommend(user_id=user.item() if hasattr(user, "item") else user,
