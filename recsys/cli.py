@@ -26,6 +26,11 @@ def _parser() -> argparse.ArgumentParser:
     with_config("train", "train retrieval and ranker (resumes from the workdir's checkpoints)")
     with_config("export", "write WORKDIR/artifacts (towers, ranker, features, index) from checkpoints")
     with_config("eval", "evaluate checkpoints and artifacts on the test split; writes metrics.json")
+    plan = sub.add_parser("plan", help="print the memory plan: bytes per device, and whether it fits")
+    plan.add_argument("--config", required=True, help="Python file with get_config()")
+    plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    plan.add_argument("--device-memory", type=float, metavar="GIB",
+                      help="memory of one device (default: what the device reports)")
     idx = sub.add_parser("index", help="rebuild the index of an artifacts directory")
     idx.add_argument("--artifacts", required=True)
     idx.add_argument("--set", action="append", default=[], metavar="index.KEY=VALUE")
@@ -85,7 +90,9 @@ def cmd_export(args) -> int:
     from recsys import pipeline
     cfg = _config(args)
     out = pipeline.export(cfg, pathlib.Path(args.workdir))
-    print(f"artifacts written to {out}")
+    import jax
+    if jax.process_index() == 0:  # the one that wrote them
+        print(f"artifacts written to {out}")
     return 0
 
 
@@ -94,6 +101,16 @@ def cmd_eval(args) -> int:
     cfg = _config(args)
     metrics = pipeline.evaluate(cfg, pathlib.Path(args.workdir))
     _summary(metrics, pathlib.Path(args.workdir))
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from recsys import pipeline, plan
+    if args.device_memory is not None:
+        args.set = [*args.set, f"mesh.device_memory_gib={args.device_memory}"]
+    cfg = _config(args)
+    mesh = plan.planning_mesh(cfg.mesh)  # may be larger than this machine
+    print(plan.format_plan(plan.for_dataset(cfg, pipeline.load_data(cfg), mesh)))
     return 0
 
 
@@ -135,6 +152,9 @@ def _print_recommendation(out) -> None:
 
 
 def _summary(metrics: dict, workdir: pathlib.Path) -> None:
+    import jax
+    if jax.process_index() != 0:
+        return
     keys = ["dataset", "num_users", "num_items", "train/steps", "train/final_loss",
             "train/examples_per_sec", "retrieval/hr@10", "retrieval/hr@100", "retrieval/ndcg@10",
             "index/recall@10", "pipeline/hr@10", "pipeline/ndcg@10", "wall_seconds"]
@@ -155,7 +175,7 @@ def _summary(metrics: dict, workdir: pathlib.Path) -> None:
 
 
 COMMANDS = {"pipeline": cmd_pipeline, "train": cmd_train, "export": cmd_export, "eval": cmd_eval,
-            "index": cmd_index, "serve": cmd_serve}
+            "plan": cmd_plan, "index": cmd_index, "serve": cmd_serve}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,7 +9,6 @@ import pathlib
 import typing
 from typing import Any
 
-
 # Item release years become buckets: 0 unknown, then 5-year buckets from 1900 (data and models).
 NUM_YEAR_BUCKETS = 32
 
@@ -44,20 +43,31 @@ class ModelConfig:
     embed_dim: int = 32  # width of id embeddings
     hidden_dims: tuple[int, ...] = (64,)  # tower MLP widths before the output layer
     out_dim: int = 32  # D: width of the normalised query and item vectors
-    history_pooling: str = "mean"  # mean | recency (exponentially decayed by position)
+    history_pooling: str = "mean"  # mean | recency (decayed by position) | attention (positions)
     recency_decay: float = 0.8  # weight multiplier per step back in history (recency pooling)
     use_user_id: bool = True  # include the user id embedding in the query tower
     use_features: bool = True  # genres/year/user features in the towers
+    time_features: bool = False  # query tower reads log hours since the previous event and the era
     temperature: float = 0.05  # initial softmax temperature
     learn_temperature: bool = False  # train log(temperature) with the towers
     dropout: float = 0.0  # dropout rate in tower MLPs
-    ranker_hidden_dims: tuple[int, ...] = (128, 64)  # ranker MLP widths
+    ranker_hidden_dims: tuple[int, ...] = (128, 64)  # ranker deep-MLP widths
+    ranker_embed_dim: int = 16  # width of the ranker's own id and feature embeddings
+    ranker_cross_layers: int = 2  # DCN-v2 cross layers (0 = deep MLP only)
+    ranker_cross_rank: int = 0  # cross-layer weight rank (0 = full matrix, >0 = low-rank U V)
+    ranker_structure: str = "stacked"  # stacked (cross then deep) | parallel (cross beside deep)
+    ranker_use_ids: bool = False  # the ranker's own user/item id embeddings (+ DIN over them);
+    # they memorise when each user gives one training event (ranker_events=validation)
+    ranker_use_vectors: bool = False  # raw q, c, q*c vectors (only for ranker_events=training:
+    # otherwise they come from another retrieval model than serving's)
+    ranker_dropout: float = 0.0  # dropout rate in the ranker's deep MLP
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MeshConfig:
     data: int = -1  # devices along the data axis (-1 = all remaining devices)
     model: int = 1  # devices along the model axis (embedding rows are split over both)
+    device_memory_gib: float = 0.0  # per-device memory for the memory plan, GiB (0 = ask the device)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -68,7 +78,20 @@ class TrainConfig:
     optimizer: str = "adam"  # adam | adagrad | sgd
     weight_decay: float = 0.0  # decoupled weight decay (adamw when > 0)
     logq_correction: bool = True  # subtract log q(item) from in-batch logits
-    remove_accidental_hits: bool = True  # mask in-batch negatives equal to the positive
+    logq_estimate: str = "counts"  # counts (training-set frequencies) | streaming (Yi et al. 2019)
+    logq_buckets: int = 0  # hash buckets of the streaming estimate (0 = one per item row)
+    logq_learning_rate: float = 0.001  # streaming estimate: weight of a sighting after 1/rate
+    embedding_optimizer: str = "dense"  # tables: dense (optax) | rowwise_adagrad | lazy_adam (sparse)
+    embedding_learning_rate: float = 0.0  # sparse table optimizer's rate (0 = learning_rate)
+    remove_accidental_hits: bool = True  # mask negatives (every source) equal to the positive
+    uniform_negatives: int = 0  # M: catalogue items drawn uniformly per step, shared negatives (0 = off)
+    hard_negatives: int = 0  # keep only the k highest-scoring negatives per row (0 = all)
+    mined_negatives: int = 0  # H: index-mined hard negatives per example (0 = off)
+    mine_every_epochs: float = 1.0  # epochs between re-mining with the current vectors (first: after one)
+    mine_ranks: tuple[int, ...] = (10, 100)  # rank band [lo, hi) that mined negatives are drawn from
+    mine_stride: int = 1  # search once per k consecutive training events of a user (cost / k)
+    mine_margin: float = 0.0  # skip mined items scoring above the positive's cosine minus this (<0 allows some)
+    mined_correction: str = "band"  # log q of mined items: band (1/items left in the band) | uniform (1/N) | none
     eval_every: int = 0  # steps between validation HR@K (0 = only at the end)
     early_stopping_patience: int = 0  # evaluations without improvement before stopping (0 = off)
     checkpoint_every: int = 0  # steps between checkpoints (0 = only at the end)
@@ -77,7 +100,16 @@ class TrainConfig:
     ranker_steps: int = 300  # ranker training steps (0 = no ranker; serving orders by retrieval)
     ranker_batch_size: int = 128  # events per ranker step
     ranker_learning_rate: float = 0.003  # ranker learning rate
-    ranker_negatives: int = 15  # negatives per event: hard ones from the retrieval top-R
+    ranker_weight_decay: float = 0.0  # decoupled weight decay of the ranker (adamw when > 0)
+    ranker_negatives: int = 15  # negatives per event from the top-R (0 = the whole top-R list)
+    ranker_random_negatives: int = 4  # of ranker_negatives, drawn uniformly from the catalogue
+    ranker_loss: str = "softmax"  # softmax (listwise over the event's candidates) | bce (pointwise)
+    ranker_events: str = "holdout"  # what the ranker learns from: holdout | validation |
+    # training (recsys.train.ranker.ranker_events; each scored by a model that never saw it)
+    ranker_folds: int = 3  # K: users split into K folds; K-fold validation NDCG@10 picks the steps
+    ranker_holdout_events: int = 3  # holdout events: latest events per user a shadow model skips
+    ranker_eval_every: int = 100  # ranker steps between K-fold validation NDCG@10 (0 = at the end)
+    ranker_patience: int = 3  # evaluations without improvement before the K-fold run stops (0 = off)
     log_every: int = 50  # steps between progress-bar loss updates
 
 
@@ -100,6 +132,15 @@ class EvalConfig:
 class ServeConfig:
     num_candidates: int = 200  # R: items retrieved per request before filtering
     exclude_seen: bool = True  # drop the user's own history from recommendations
+    ordering: str = "topk"  # default stage-4 policy: topk | mmr | explore
+    mmr_lambda: float = 0.5  # MMR relevance weight in [0, 1] (1 = pure score order)
+    mmr_similarity: str = "vectors"  # MMR item similarity: vectors (item cosine) | genres
+    genre_cap: int = 0  # most items per genre in one list (0 = no cap)
+    explore_temperature: float = 0.3  # softmax temperature of explore sampling (score units)
+    recent_items: int = 0  # extra source: the user's latest N items' nearest items (0 = off)
+    neighbours_per_item: int = 10  # items retrieved per recent item by the extra source
+    popular_candidates: int = 0  # extra source: the N most popular items for every request
+    filters: str = ""  # default item rules as JSON, e.g. '{"year_min": 1990}' (requests add keys)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -117,9 +158,17 @@ class Config:
 _CHOICES = {
     "data.source": ("synthetic", "movielens", "tfds"),
     "data.trained_on": ("train+val", "train"),
-    "model.history_pooling": ("mean", "recency"),
+    "model.history_pooling": ("mean", "recency", "attention"),
+    "train.mined_correction": ("band", "uniform", "none"),
     "train.optimizer": ("adam", "adagrad", "sgd"),
+    "train.embedding_optimizer": ("dense", "rowwise_adagrad", "lazy_adam"),
+    "train.logq_estimate": ("counts", "streaming"),
     "index.kind": ("scann", "exact"),
+    "model.ranker_structure": ("stacked", "parallel"),
+    "train.ranker_loss": ("softmax", "bce"),
+    "train.ranker_events": ("validation", "holdout", "training"),
+    "serve.ordering": ("topk", "mmr", "explore"),
+    "serve.mmr_similarity": ("vectors", "genres"),
 }
 
 
@@ -203,11 +252,29 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be positive, got {getattr(getattr(cfg, section), name)}")
     if cfg.train.num_steps < 0 or cfg.train.ranker_steps < 0:
         raise ConfigError("train.num_steps and train.ranker_steps must be >= 0")
+    _validate_negatives(cfg.train)
     if not 0.0 <= cfg.model.dropout < 1.0:
         raise ConfigError(f"model.dropout must be in [0, 1), got {cfg.model.dropout}")
     if cfg.data.source in ("movielens", "tfds") and not cfg.data.path:
         raise ConfigError(f"data.path is required for data.source={cfg.data.source}; "
                           "pass --set data.path=DIR")
+
+
+def _validate_negatives(tc: TrainConfig) -> None:
+    for name in ("uniform_negatives", "hard_negatives", "mined_negatives"):
+        if getattr(tc, name) < 0:
+            raise ConfigError(f"train.{name} must be >= 0, got {getattr(tc, name)}")
+    if tc.mined_negatives:
+        ranks = tc.mine_ranks
+        if len(ranks) != 2 or not 0 <= ranks[0] < ranks[1]:
+            raise ConfigError(f"train.mine_ranks={ranks}: must be two ranks lo,hi with 0 <= lo < hi")
+        if ranks[1] - ranks[0] < tc.mined_negatives:
+            raise ConfigError(f"train.mine_ranks={ranks} holds fewer than "
+                              f"train.mined_negatives={tc.mined_negatives} items")
+        if tc.mine_stride < 1:
+            raise ConfigError(f"train.mine_stride must be >= 1, got {tc.mine_stride}")
+        if tc.mine_every_epochs <= 0:
+            raise ConfigError(f"train.mine_every_epochs must be > 0, got {tc.mine_every_epochs}")
 
 
 def to_dict(cfg: Config) -> dict:
@@ -231,6 +298,20 @@ def dumps(cfg: Config) -> str:
     return json.dumps(to_dict(cfg), indent=2, sort_keys=True)
 
 
-__all__ = ["Config", "DataConfig", "ModelConfig", "MeshConfig", "TrainConfig", "IndexConfig",
-           "EvalConfig", "ServeConfig", "ConfigError", "load", "apply_overrides", "validate",
-           "to_dict", "from_dict", "dumps"]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "IndexConfig",
+    "MeshConfig",
+    "ModelConfig",
+    "ServeConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "dumps",
+    "from_dict",
+    "load",
+    "to_dict",
+    "validate",
+]

@@ -10,7 +10,8 @@ Layout of DIR/artifacts (written as DIR/artifacts.tmp-*, renamed when complete):
                          in time order, without the held-out test event)
   query_tower.jax        jax.export of (params, user, history, user_feats) -> q [b, D]
   query_params.npz       its parameters, flat "path/to/param" keys
-  ranker.jax             jax.export of (params, candidate features) -> scores [b, n] (optional)
+  ranker.jax             jax.export of (params, inputs) -> scores [b, n] (optional); inputs as in
+                         recsys.models.ranker_inputs.input_spec (b requests, n candidates)
   ranker_params.npz
   index/                 the ScaNN (or exact) searcher over item_vectors
 """
@@ -31,6 +32,8 @@ from recsys import config as config_lib
 from recsys import index as index_lib
 from recsys.artifacts import FORMAT_VERSION, MANIFEST, sha256
 from recsys.data.dataset import Dataset
+from recsys.models.ranker_inputs import input_spec as ranker_input_spec
+
 
 def flat_params(model: nnx.Module):
     """(graphdef, treedef, rest, {"path": array}) with numpy arrays gathered from every device."""
@@ -91,7 +94,7 @@ def write_artifacts(out_dir: pathlib.Path, *, cfg: config_lib.Config, files: dic
         checksums = {str(p.relative_to(tmp)): sha256(p)
                      for p in sorted(tmp.rglob("*")) if p.is_file()}
         full = {"format_version": FORMAT_VERSION,
-                "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                "created_at": datetime.datetime.now(datetime.UTC).isoformat(),
                 "config": config_lib.to_dict(cfg), **manifest, "checksums": checksums}
         (tmp / MANIFEST).write_text(json.dumps(full, indent=2, default=_json_default))
         if out_dir.exists():
@@ -130,20 +133,24 @@ def export_artifacts(out_dir: pathlib.Path, *, cfg: config_lib.Config, ds: Datas
     history = ds.history(np.zeros(1, np.int64))  # [1, L] example for shapes only
     q_inputs = {"user": np.zeros(1, np.int32), "history": history,
                 "user_feats": tables.user_features[:1]}
-    q_bytes, q_params = export_module(two_tower, "embed_query", q_inputs, {
-        "user": "b", "history": f"b, {ds.history_len}",
-        "user_feats": f"b, {tables.user_features.shape[1]}"})
+    q_shapes = {"user": "b", "history": f"b, {ds.history_len}",
+                "user_feats": f"b, {tables.user_features.shape[1]}"}
+    if cfg.model.time_features:  # request time and the user's previous event, int32 minutes
+        q_inputs["time_context"], q_shapes["time_context"] = np.zeros((1, 2), np.int32), "b, 2"
+    q_bytes, q_params = export_module(two_tower, "embed_query", q_inputs, q_shapes)
     files = {"query_tower.jax": q_bytes, "query_params.npz": q_params,
              "item_ids.npy": ds.items.ids, "user_ids.npy": ds.users.ids,
              "item_vectors.npy": item_vectors.astype(np.float32),
              "item_features.npz": _item_features(ds, ranker_inputs),
              "users.npz": _user_histories(ds)}
     if ranker is not None:
-        example = _ranker_example(ranker_inputs, item_vectors.shape[1])
-        d, g, f = item_vectors.shape[1], tables.item_genres.shape[1], tables.user_features.shape[1]
-        r_bytes, r_params = export_module(ranker, "__call__", example, {
-            "q": f"b, {d}", "c": f"b, n, {d}", "item_genres": f"b, n, {g}",
-            "item_year": "b, n", "item_logpop": "b, n", "user_feats": f"b, {f}"})
+        spec = ranker_input_spec(item_vectors.shape[1], tables.item_genres.shape[1],
+                                 tables.user_features.shape[1], ds.history_len)
+        example = {k: np.zeros([1 if s == "b" else 2 if s == "n" else int(s)
+                                for s in shape.split(", ")], dtype)
+                   for k, (dtype, shape) in spec.items()}
+        r_bytes, r_params = export_module(ranker, "__call__", example,
+                                          {k: shape for k, (_, shape) in spec.items()})
         files.update({"ranker.jax": r_bytes, "ranker_params.npz": r_params})
     valid = np.ones(len(item_vectors), bool)
     valid[0] = False
@@ -182,14 +189,6 @@ def _user_histories(ds: Dataset) -> dict:
     keep[ends] = False
     return {"features": ds.features.user_features, "history_offsets": offsets,
             "history_items": ds.seq_items[keep], "history_times": ds.seq_times[keep]}
-
-
-def _ranker_example(inputs, d: int) -> dict:
-    g = inputs.tables.item_genres.shape[1]
-    f = inputs.tables.user_features.shape[1]
-    return {"q": np.zeros((1, d), np.float32), "c": np.zeros((1, 2, d), np.float32),
-            "item_genres": np.zeros((1, 2, g), np.float32), "item_year": np.zeros((1, 2), np.int32),
-            "item_logpop": np.zeros((1, 2), np.float32), "user_feats": np.zeros((1, f), np.int32)}
 
 
 def rewrite_index(directory: pathlib.Path, item_vectors: np.ndarray, cfg: config_lib.Config):

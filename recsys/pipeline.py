@@ -8,10 +8,11 @@ import time
 
 import jax
 import numpy as np
+from flax import nnx
 
 from recsys import config as config_lib
 from recsys import index as index_lib
-from recsys import sharding
+from recsys import plan, sharding
 from recsys.config import Config
 from recsys.data import dataset as dataset_lib
 from recsys.data.sources import load_raw
@@ -22,7 +23,7 @@ from recsys.serve import Recommender
 from recsys.train.loop import train_retrieval
 from recsys.train.ranker import train_ranker
 
-EVAL_BATCH = 512  # requests per recommend_batch call in the pipeline evaluation
+EVAL_BATCH = 256  # requests per recommend_batch call in the pipeline evaluation (its largest bucket)
 
 
 def load_data(cfg: Config) -> dataset_lib.Dataset:
@@ -39,6 +40,7 @@ def run(cfg: Config, workdir: pathlib.Path, *, export: bool = True) -> dict:
     mesh = sharding.make_mesh(cfg.mesh)
     _log(f"{ds.name}: {ds.num_users} users, {ds.num_items} items, {len(ds.seq_items)} events; "
          f"mesh {dict(mesh.shape)}")
+    _log(plan.format_plan(plan.for_dataset(cfg, ds, mesh)))
 
     retrieval = train_retrieval(cfg, ds, workdir, mesh)
     metrics = {"dataset": ds.name, "num_items": ds.num_items, "num_users": ds.num_users,
@@ -53,16 +55,25 @@ def run(cfg: Config, workdir: pathlib.Path, *, export: bool = True) -> dict:
         ranker, ranker_inputs = train_ranker(cfg, ds, retrieval, workdir, mesh)
         metrics.update(ranker.metrics)
 
+    if export:
+        two_tower = local_model(retrieval.model())  # every process gathers; process 0 writes
+        ranker_model = local_model(ranker.model()) if ranker else None
     if export and jax.process_index() == 0:
         out, searcher = export_artifacts(
-            workdir / "artifacts", cfg=cfg, ds=ds, two_tower=retrieval.model(),
-            item_vectors=ev.item_vectors, ranker=ranker.model() if ranker else None,
+            workdir / "artifacts", cfg=cfg, ds=ds, two_tower=two_tower,
+            item_vectors=ev.item_vectors, ranker=ranker_model,
             ranker_inputs=ranker_inputs, manifest={"metrics": dict(metrics)})
         metrics["index/recall@10"] = index_recall(searcher, ev.item_vectors, ev.query_vectors)
         metrics.update(evaluate_pipeline(out, ds, ev.positions, cfg))
     metrics["wall_seconds"] = time.time() - t0
     write_metrics(workdir, metrics)
     return metrics
+
+
+def local_model(model):
+    """The model whole on this process's first device (a collective across processes)."""
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, sharding.local_copy(state))
 
 
 def index_recall(searcher, items_VxD: np.ndarray, q_QxD: np.ndarray, k: int = 10) -> float:
@@ -75,25 +86,46 @@ def index_recall(searcher, items_VxD: np.ndarray, q_QxD: np.ndarray, k: int = 10
 
 def evaluate_pipeline(artifacts_dir: pathlib.Path, ds: dataset_lib.Dataset,
                       positions: np.ndarray, cfg: Config) -> dict:
-    """HR@10 and NDCG@10 of the final lists the Recommender serves for each test event."""
+    """HR@10 and NDCG@10 of the final lists the Recommender serves for each test event.
+
+    Each request is the user's id at the event's time (the request context the ranker reads).
+    The default ordering gives pipeline/*; MMR and exploration are scored beside it under
+    ordering/mmr/* and ordering/explore/*, with intra-list diversity and catalogue coverage.
+    """
     rec = Recommender.load(artifacts_dir)
     users = ds.users.raw(ds.seq_users[positions])
-    lists, totals = [], []
-    for lo in range(0, len(users), EVAL_BATCH):
-        out = rec.recommend_batch([{"user_id": u, "k": 10} for u in users[lo:lo + EVAL_BATCH]])
-        lists += [ds.items.lookup(np.asarray(o.items, dtype=ds.items.ids.dtype))
-                  if o.items else np.zeros(0, np.int32) for o in out]
-        totals.append(out[0].timings["total"] / len(out) if out else 0.0)
-    ranked = np.full((len(lists), 10), -1, np.int64)
-    for i, row in enumerate(lists):
-        ranked[i, :len(row)] = row
+    times = ds.seq_times[positions]
     targets = ds.seq_items[positions]
-    return {"pipeline/hr@10": metrics_lib.hit_rate_at_k(ranked, targets, 10),
-            "pipeline/ndcg@10": metrics_lib.ndcg_at_k(ranked, targets, 10),
-            "pipeline/batched_ms_per_request": float(np.mean(totals)),
-            "ordering/intra_list_diversity": metrics_lib.intra_list_diversity(
-                ranked, ds.features.item_genres),
-            "ordering/catalog_coverage": metrics_lib.catalog_coverage(ranked, ds.num_items)}
+    out = {}
+    for policy in (None, "mmr", "explore"):
+        ranked, ms = _served_lists(rec, ds, users, times, policy)
+        prefix = "pipeline/" if policy is None else f"ordering/{policy}/"
+        out[f"{prefix}hr@10"] = metrics_lib.hit_rate_at_k(ranked, targets, 10)
+        out[f"{prefix}ndcg@10"] = metrics_lib.ndcg_at_k(ranked, targets, 10)
+        prefix = "ordering/" if policy is None else prefix
+        out[f"{prefix}intra_list_diversity"] = metrics_lib.intra_list_diversity(
+            ranked, ds.features.item_genres)
+        out[f"{prefix}catalog_coverage"] = metrics_lib.catalog_coverage(ranked, ds.num_items)
+        if policy is None:
+            out["pipeline/batched_ms_per_request"] = ms
+    return out
+
+
+def _served_lists(rec: Recommender, ds: dataset_lib.Dataset, users, times, policy):
+    """[Q, 10] item rows served (-1 padded) and the mean batched milliseconds per request."""
+    extra = {} if policy is None else {"ordering": policy}
+    ranked = np.full((len(users), 10), -1, np.int64)
+    totals = []
+    for lo in range(0, len(users), EVAL_BATCH):
+        out = rec.recommend_batch([{"user_id": u, "k": 10, "time": int(t), **extra}
+                                   for u, t in zip(users[lo:lo + EVAL_BATCH],
+                                                   times[lo:lo + EVAL_BATCH])])
+        for i, o in enumerate(out):
+            if o.items:
+                ranked[lo + i, :len(o.items)] = ds.items.lookup(
+                    np.asarray(o.items, dtype=ds.items.ids.dtype))
+        totals.append(out[0].timings["total"] / len(out) if out else 0.0)
+    return ranked, float(np.mean(totals))
 
 
 def _prepare_workdir(cfg: Config, workdir: pathlib.Path) -> None:
@@ -128,6 +160,7 @@ def _trained(cfg: Config, workdir: pathlib.Path, *, require_checkpoint: bool):
     _prepare_workdir(cfg, workdir)
     ds = load_data(cfg)
     mesh = sharding.make_mesh(cfg.mesh)
+    _log(plan.format_plan(plan.for_dataset(cfg, ds, mesh)))
     retrieval = train_retrieval(cfg, ds, workdir, mesh)
     ranker = train_ranker(cfg, ds, retrieval, workdir, mesh) if cfg.train.ranker_steps else None
     return ds, retrieval, ranker
@@ -149,9 +182,12 @@ def export(cfg: Config, workdir: pathlib.Path) -> pathlib.Path:
     ds, retrieval, ranker = _trained(cfg, workdir, require_checkpoint=True)
     model = retrieval.model()
     items_VxD = protocol.item_vectors(model, ds.features)
-    out, _ = export_artifacts(pathlib.Path(workdir) / "artifacts", cfg=cfg, ds=ds, two_tower=model,
-                              item_vectors=items_VxD, ranker=ranker[0].model() if ranker else None,
-                              ranker_inputs=ranker[1] if ranker else None)
+    model = local_model(model)  # every process gathers; process 0 writes
+    ranker_model = local_model(ranker[0].model()) if ranker else None
+    out = pathlib.Path(workdir) / "artifacts"
+    if jax.process_index() == 0:
+        export_artifacts(out, cfg=cfg, ds=ds, two_tower=model, item_vectors=items_VxD,
+                         ranker=ranker_model, ranker_inputs=ranker[1] if ranker else None)
     return out
 
 
@@ -163,7 +199,7 @@ def evaluate(cfg: Config, workdir: pathlib.Path) -> dict:
     metrics = {"dataset": ds.name, "num_items": ds.num_items, "num_users": ds.num_users,
                **{f"retrieval/{k}": v for k, v in ev.metrics.items()}}
     artifacts_dir = workdir / "artifacts"
-    if (artifacts_dir / "manifest.json").is_file():
+    if jax.process_index() == 0 and (artifacts_dir / "manifest.json").is_file():
         searcher = index_lib.load(artifacts_dir / "index")
         metrics["index/recall@10"] = index_recall(searcher, ev.item_vectors, ev.query_vectors)
         metrics.update(evaluate_pipeline(artifacts_dir, ds, ev.positions, cfg))

@@ -9,7 +9,7 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from recsys.config import MeshConfig
+from recsys.config import ConfigError, MeshConfig
 
 AXES = ("data", "model")
 
@@ -28,13 +28,13 @@ def make_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
     n = len(devices)
     data, model = cfg.data, cfg.model
     if model <= 0 or (data <= 0 and data != -1):
-        raise ValueError(f"mesh.data={data}, mesh.model={model}: use positive sizes (data may be -1)")
+        raise ConfigError(f"mesh.data={data}, mesh.model={model}: use positive sizes (data may be -1)")
     if data == -1:
         if n % model:
-            raise ValueError(f"mesh.model={model} does not divide the {n} devices")
+            raise ConfigError(f"mesh.model={model} does not divide the {n} devices")
         data = n // model
     if data * model != n:
-        raise ValueError(f"mesh.data={data} x mesh.model={model} = {data * model} devices, "
+        raise ConfigError(f"mesh.data={data} x mesh.model={model} = {data * model} devices, "
                          f"but {n} are available")
     return jax.make_mesh((data, model), AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
 
@@ -46,7 +46,8 @@ def batch_spec() -> P:
 def shard_batch(batch: dict, mesh: jax.sharding.Mesh) -> dict:
     """Places this process's rows of a global batch on the mesh, split along the batch axis.
 
-    Each process passes only its own rows (global batch / process count, in process order).
+    Each process passes only its own rows: those `process_rows(mesh, global_batch)` names, in
+    that order (global batch / process count of them).
     """
     sharding = NamedSharding(mesh, batch_spec())
 
@@ -58,6 +59,52 @@ def shard_batch(batch: dict, mesh: jax.sharding.Mesh) -> dict:
     return {k: place(v) for k, v in batch.items()}
 
 
+def process_rows(mesh: jax.sharding.Mesh, global_batch: int) -> np.ndarray:
+    """Rows of every global batch that this process feeds, in the order `shard_batch` reads them.
+
+    A process owns the rows of its own devices' shards. Where those are depends on where the
+    mesh put its devices (contiguous blocks in process order for CPU meshes, other patterns on
+    TPU topologies), so this asks the batch sharding instead of assuming `process_index`.
+    """
+    sharding = NamedSharding(mesh, batch_spec())
+    shards = batch_shards(mesh)
+    if global_batch % shards:
+        raise ConfigError(f"a global batch of {global_batch} rows does not split evenly over the "
+                          f"{shards} batch shards of mesh {dict(mesh.shape)}; use a multiple")
+    spans = {(idx[0].start or 0, global_batch if idx[0].stop is None else idx[0].stop)
+             for idx in sharding.addressable_devices_indices_map((global_batch,)).values()}
+    return np.concatenate([np.arange(lo, hi) for lo, hi in sorted(spans)])
+
+
+def batch_shards(mesh: jax.sharding.Mesh) -> int:
+    """How many pieces a global batch is split into (devices along the batch's mesh axes)."""
+    axes = dict(RULES)["batch"]
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    return int(np.prod([mesh.shape[a] for a in axes]))
+
+
+def to_host(x) -> np.ndarray:
+    """A numpy copy of a jax array that may span processes (then a collective: all must call)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def local_copy(tree):
+    """`tree` with every array whole on this process's first device, e.g. a model to export.
+
+    A collective when arrays span processes: every process must call it, in the same order.
+    """
+    def one(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            return x
+        whole = jax.jit(lambda a: a, out_shardings=NamedSharding(x.sharding.mesh, P()))(x)
+        return whole.addressable_data(0)
+
+    return jax.tree.map(one, tree)
+
+
 def batch_shardings(batch: dict, mesh: jax.sharding.Mesh) -> dict:
     return {k: NamedSharding(mesh, batch_spec()) for k in batch}
 
@@ -67,23 +114,36 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
 
 
 def maybe_initialize_distributed() -> None:
-    """Starts JAX's multi-controller runtime when launched as one of several processes.
+    """Starts JAX's multi-controller runtime when this is one of several processes.
 
-    Cloud TPU and SLURM are detected by `jax.distributed.initialize()` itself; other launchers
-    (launch/local.py, GKE JobSet) set RECSYS_COORDINATOR, RECSYS_NUM_PROCESSES, RECSYS_PROCESS_ID.
+    Explicit (launch/local.py, GKE GPU pools): RECSYS_COORDINATOR=host:port,
+    RECSYS_NUM_PROCESSES, RECSYS_PROCESS_ID. Otherwise jax's own cluster detection runs inside a
+    multi-task `srun` step (SLURM) and on multi-host TPU slices that say so in the environment
+    (GKE); RECSYS_DISTRIBUTED=auto forces it (Cloud TPU VMs keep their worker list in the VM
+    metadata; launch/tpu_vm.sh sets it) and RECSYS_DISTRIBUTED=off disables all of this.
     """
-    if jax.distributed.is_initialized():
+    env = os.environ
+    mode = env.get("RECSYS_DISTRIBUTED", "")
+    if mode not in ("", "auto", "off"):
+        raise ConfigError(f"RECSYS_DISTRIBUTED={mode!r}: must be auto, off or unset")
+    if mode == "off" or jax.distributed.is_initialized():
         return
-    coordinator = os.environ.get("RECSYS_COORDINATOR")
-    if coordinator:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(
-            coordinator_address=coordinator,
-            num_processes=int(os.environ["RECSYS_NUM_PROCESSES"]),
-            process_id=int(os.environ["RECSYS_PROCESS_ID"]),
-            initialization_timeout=int(os.environ.get("RECSYS_INIT_TIMEOUT", "120")),
-            heartbeat_timeout_seconds=int(os.environ.get("RECSYS_HEARTBEAT_TIMEOUT", "30")))
-    elif "SLURM_NTASKS" in os.environ and int(os.environ["SLURM_NTASKS"]) > 1:
-        jax.distributed.initialize()
-    elif "TPU_WORKER_HOSTNAMES" in os.environ and "," in os.environ["TPU_WORKER_HOSTNAMES"]:
-        jax.distributed.initialize()
+    timeouts = {"initialization_timeout": _env_int("RECSYS_INIT_TIMEOUT", 300),
+                "heartbeat_timeout_seconds": _env_int("RECSYS_HEARTBEAT_TIMEOUT", 60)}
+    if env.get("RECSYS_COORDINATOR"):
+        jax.distributed.initialize(coordinator_address=env["RECSYS_COORDINATOR"],
+                                   num_processes=_env_int("RECSYS_NUM_PROCESSES"),
+                                   process_id=_env_int("RECSYS_PROCESS_ID"), **timeouts)
+    elif (mode == "auto" or _env_int("SLURM_STEP_NUM_TASKS", 1) > 1
+          or "," in env.get("TPU_WORKER_HOSTNAMES", "") or env.get("MEGASCALE_COORDINATOR_ADDRESS")):
+        jax.distributed.initialize(**timeouts)
+
+
+def _env_int(name: str, default: int | None = None) -> int:
+    text = os.environ.get(name)
+    if text is None and default is not None:
+        return default
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        raise ConfigError(f"environment variable {name}={text!r}: expected an integer") from None

@@ -82,6 +82,12 @@ class Dataset:
         valid_BxL = idx_BxL >= starts[:, None]
         return np.where(valid_BxL, self.seq_items[np.maximum(idx_BxL, 0)], 0).astype(np.int32)
 
+    def previous_times(self, positions: np.ndarray) -> np.ndarray:
+        """Time of the user's event just before each position, or -1 for a first event: [B] int64."""
+        positions = np.asarray(positions, np.int64)
+        first = positions == self.offsets[self.seq_users[positions]]
+        return np.where(first, -1, self.seq_times[np.maximum(positions - 1, 0)])
+
     def earlier_items(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """CSR (offsets [B+1], items) of every item strictly before each position (to exclude)."""
         positions = np.asarray(positions, np.int64)

@@ -7,8 +7,9 @@ import dataclasses
 import numpy as np
 from flax import nnx
 
+from recsys import sharding
 from recsys.config import EvalConfig
-from recsys.data.batches import item_inputs, query_inputs
+from recsys.data.batches import event_query_inputs, item_inputs
 from recsys.data.dataset import Dataset, FeatureTables
 from recsys.eval import metrics, ranking
 
@@ -34,7 +35,7 @@ def _in_chunks(fn, model, inputs: dict) -> np.ndarray:
         if n > CHUNK and size < CHUNK:
             part = {k: np.concatenate([v, np.repeat(v[-1:], CHUNK - size, axis=0)])
                     for k, v in part.items()}
-        out.append(np.asarray(fn(model, part))[:size])
+        out.append(sharding.to_host(fn(model, part))[:size])  # the model may span processes
     return np.concatenate(out).astype(np.float32)
 
 
@@ -46,8 +47,7 @@ def item_vectors(model, tables: FeatureTables) -> np.ndarray:
 
 def query_vectors(model, ds: Dataset, positions: np.ndarray) -> np.ndarray:
     """Query-tower vectors for events at `positions`, from the history strictly before: [Q, D]."""
-    inputs = query_inputs(ds.features, ds.seq_users[positions], ds.history(positions))
-    return _in_chunks(_embed_queries, model, inputs)
+    return _in_chunks(_embed_queries, model, event_query_inputs(ds, positions))
 
 
 def eval_positions(ds: Dataset, split: str, cfg: EvalConfig) -> np.ndarray:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import jax.numpy as jnp
 from flax import nnx
 
@@ -14,10 +17,56 @@ def padded_rows(num_rows: int) -> int:
     return -(-num_rows // ROW_MULTIPLE) * ROW_MULTIPLE
 
 
-def table(num_rows: int, dim: int, rngs: nnx.Rngs, scale: float = 0.05) -> nnx.Embed:
+class TableRows(nnx.Param):
+    """The rows of a row-sharded table; a sparse embedding optimizer updates only those looked up."""
+
+
+# Set only by the sparse train step (recsys/train/sparse.py): fn(table, ids) replaces the lookup
+# so that gradients flow to the gathered rows of a step instead of to the whole [V, E] table.
+_LOOKUP_OVERRIDE: contextvars.ContextVar = contextvars.ContextVar("lookup_override", default=None)
+
+
+@contextlib.contextmanager
+def override_lookups(fn):
+    """Within the block, every `Table(ids)` call returns `fn(table, ids)`."""
+    token = _LOOKUP_OVERRIDE.set(fn)
+    try:
+        yield
+    finally:
+        _LOOKUP_OVERRIDE.reset(token)
+
+
+class Table(nnx.Module):
+    """A row-sharded embedding table ('vocab', 'embed'): `table(ids [...])` -> [..., E]."""
+
+    def __init__(self, num_rows: int, dim: int, rngs: nnx.Rngs, scale: float = 0.05):
+        value = nnx.initializers.normal(scale)(rngs.params(), (num_rows, dim))
+        self.embedding = TableRows(value, out_sharding=("vocab", "embed"))
+
+    def __call__(self, ids):
+        override = _LOOKUP_OVERRIDE.get()
+        if override is not None:
+            return override(self, ids)
+        return jnp.take(self.embedding[...], ids, axis=0)
+
+
+def unique_ids(ids_N, fill_value: int):
+    """Sorted unique ids padded to N entries with `fill_value`, and how often each occurs: [N], [N].
+
+    jnp.unique(size=...) gives the same, but is ~5x slower on an input sharded over devices.
+    """
+    n = ids_N.shape[0]
+    sorted_N = jnp.sort(ids_N)
+    first_N = jnp.concatenate([jnp.ones((1,), bool), sorted_N[1:] != sorted_N[:-1]])
+    slot_N = jnp.cumsum(first_N) - 1
+    unique_N = jnp.full_like(ids_N, fill_value).at[jnp.where(first_N, slot_N, n)].set(
+        sorted_N, mode="drop")
+    return unique_N, jnp.zeros((n,), jnp.int32).at[slot_N].add(1)
+
+
+def table(num_rows: int, dim: int, rngs: nnx.Rngs, scale: float = 0.05) -> Table:
     """A row-sharded embedding table ('vocab', 'embed') with padded rows."""
-    init = nnx.with_partitioning(nnx.initializers.normal(scale), ("vocab", "embed"))
-    return nnx.Embed(padded_rows(num_rows), dim, embedding_init=init, rngs=rngs)
+    return Table(padded_rows(num_rows), dim, rngs, scale)
 
 
 def small_table(num_rows: int, dim: int, rngs: nnx.Rngs, scale: float = 0.05) -> nnx.Embed:

@@ -9,7 +9,7 @@ import numpy as np
 from flax import nnx
 
 from recsys.config import NUM_YEAR_BUCKETS, ModelConfig
-from recsys.models import layers
+from recsys.models import history, layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,6 +20,21 @@ class Vocabularies:
     num_items: int  # item vocabulary rows, incl. the padding row 0
     num_genres: int  # width of the multi-hot genre vector
     user_cardinalities: tuple[int, ...] = ()  # vocabulary size of each user feature
+    history_len: int = 0  # L: history slots the query tower reads (attention pooling needs it)
+
+
+NUM_TIME_FEATURES = 2
+_MINUTES_PER_YEAR = 365.25 * 24 * 60
+
+
+def time_features(time_context_Bx2):
+    """[B, 2] features from [B, 2] int32 minutes (request, previous event or -1): log(1 + hours
+    since the user's previous event) (0 when there is none) and the era, (year - 2000) / 10."""
+    now_B, prev_B = time_context_Bx2[:, 0], time_context_Bx2[:, 1]
+    hours_B = jnp.maximum(now_B - prev_B, 0).astype(jnp.float32) / 60.0  # int difference: exact
+    gap_B = jnp.where(prev_B >= 0, jnp.log1p(hours_B), 0.0)
+    era_B = (now_B.astype(jnp.float32) / _MINUTES_PER_YEAR + 1970.0 - 2000.0) / 10.0
+    return jnp.stack([gap_B, era_B], axis=1)
 
 
 class TwoTower(nnx.Module):
@@ -37,8 +52,12 @@ class TwoTower(nnx.Module):
             [layers.small_table(n, e, rngs) for n in vocab.user_cardinalities]
             if cfg.use_features else [])
         self.genre_proj = layers.dense(vocab.num_genres, e, rngs) if cfg.use_features else None
+        self.history_attention = (history.AttentionPooling(vocab.history_len, e, cfg.dropout, rngs)
+                                  if cfg.history_pooling == "attention" else None)
         self.year_table = layers.small_table(NUM_YEAR_BUCKETS, e, rngs) if cfg.use_features else None
-        query_in = e * (1 + int(cfg.use_user_id) + int(bool(self.user_feature_tables)))
+        self.time_proj = layers.dense(NUM_TIME_FEATURES, e, rngs) if cfg.time_features else None
+        query_in = e * (1 + int(cfg.use_user_id) + int(bool(self.user_feature_tables))
+                        + int(cfg.time_features))
         item_in = e * (1 + 2 * int(cfg.use_features))
         self.query_mlp = layers.MLP(query_in, cfg.hidden_dims, cfg.out_dim, cfg.dropout, rngs)
         self.item_mlp = layers.MLP(item_in, cfg.hidden_dims, cfg.out_dim, cfg.dropout, rngs)
@@ -51,20 +70,27 @@ class TwoTower(nnx.Module):
         return jnp.exp(t)
 
     def embed_query(self, batch: dict):
-        """[B, D] normalised query vectors from user, history [B, L] and user_feats [B, F]."""
+        """[B, D] normalised query vectors from user, history [B, L], user_feats [B, F] and, with
+        model.time_features, time_context [B, 2] (`time_features`)."""
         history_BxL = batch["history"]
-        hist_BxE = layers.pool_history(self.item_table(history_BxL), history_BxL,
-                                       self.cfg.history_pooling, self.cfg.recency_decay)
+        emb_BxLxE = self.item_table(history_BxL)
+        if self.history_attention is not None:
+            hist_BxE = self.history_attention(emb_BxLxE, history_BxL)
+        else:
+            hist_BxE = layers.pool_history(emb_BxLxE, history_BxL, self.cfg.history_pooling,
+                                           self.cfg.recency_decay)
         parts = [hist_BxE]
         if self.user_table is not None:
             parts.append(self.user_table(batch["user"]))
         if len(self.user_feature_tables):
             feats_BxF = batch["user_feats"]
             parts.append(sum(t(feats_BxF[:, i]) for i, t in enumerate(self.user_feature_tables)))
+        if self.time_proj is not None:
+            parts.append(self.time_proj(time_features(batch["time_context"])))
         return _normalize(self.query_mlp(jnp.concatenate(parts, axis=-1)))
 
     def embed_items(self, batch: dict):
-        """[B, D] normalised item vectors from item [B], item_genres [B, G], item_year [B]."""
+        """[..., D] normalised item vectors from item [...], item_genres [..., G], item_year [...]."""
         parts = [self.item_table(batch["item"])]
         if self.genre_proj is not None:
             parts.append(self.genre_proj(batch["item_genres"]))

@@ -1,5 +1,6 @@
 """Serving: the four-stage `Recommender` over an artifacts directory."""
 
-from recsys.serve.recommender import Recommendation, Recommender, RequestError
+from recsys.serve.recommender import Recommendation, Recommender
+from recsys.serve.requests import RequestError
 
-__all__ = ["Recommender", "Recommendation", "RequestError"]
+__all__ = ["Recommendation", "Recommender", "RequestError"]

@@ -16,8 +16,14 @@ class CheckpointError(ValueError):
 
 
 def make_manager(directory: pathlib.Path, cfg: TrainConfig) -> ocp.CheckpointManager:
+    """Keeps the last cfg.keep_checkpoints steps; saves run in the background.
+
+    A save is written under a temporary name and renamed when every process has finished, so a
+    run killed mid-save leaves no step that looks complete; the leftover is removed here.
+    """
     options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints,
-                                           enable_async_checkpointing=True)
+                                           enable_async_checkpointing=True,
+                                           cleanup_tmp_directories=True)
     return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options)
 
 
@@ -43,7 +49,7 @@ def restore_or_none(mngr: ocp.CheckpointManager, abstract_state, expected_meta: 
         return None
     try:
         meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    except Exception as e:  # orbax raises many types for unreadable files
+    except Exception as e:  # noqa: BLE001 (orbax raises many types for unreadable files)
         raise CheckpointError(f"checkpoint {mngr.directory}/{step} is unreadable: {e}") from None
     for key, want in expected_meta.items():
         if meta.get(key) != want:
@@ -53,7 +59,7 @@ def restore_or_none(mngr: ocp.CheckpointManager, abstract_state, expected_meta: 
     try:
         restored = mngr.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state)))
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 (as above: shape mismatches, missing or bad files)
         raise CheckpointError(f"checkpoint {mngr.directory}/{step} does not match this model "
                               f"or is corrupt: {str(e).splitlines()[0][:300]}") from None
     return restored["state"], meta

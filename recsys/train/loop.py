@@ -12,16 +12,17 @@ from tqdm import tqdm
 from recsys import config as config_lib
 from recsys import sharding
 from recsys.config import Config
-from recsys.data.batches import BatchOrder, example_inputs
+from recsys.data.batches import BatchOrder, example_inputs, uniform_negatives
 from recsys.data.dataset import Dataset
 from recsys.eval import protocol
 from recsys.models import losses
 from recsys.models.two_tower import TwoTower, Vocabularies
-from recsys.train import checkpoint, steps
+from recsys.train import checkpoint, mining, steps
 from recsys.train import state as state_lib
 
 # Model fields that decide parameter shapes: a checkpoint made with other values is refused.
-SHAPE_FIELDS = ("embed_dim", "hidden_dims", "out_dim", "use_user_id", "use_features")
+SHAPE_FIELDS = ("embed_dim", "hidden_dims", "out_dim", "use_user_id", "use_features",
+                "history_pooling", "time_features")
 
 
 @dataclasses.dataclass
@@ -37,7 +38,8 @@ class Trained:
 def vocabularies(ds: Dataset) -> Vocabularies:
     return Vocabularies(num_users=ds.users.size, num_items=ds.items.size,
                         num_genres=ds.features.item_genres.shape[1],
-                        user_cardinalities=ds.features.user_cardinalities)
+                        user_cardinalities=ds.features.user_cardinalities,
+                        history_len=ds.history_len)
 
 
 def train_retrieval(cfg: Config, ds: Dataset, workdir: pathlib.Path,
@@ -55,7 +57,8 @@ def train_retrieval(cfg: Config, ds: Dataset, workdir: pathlib.Path,
     # Model and optimizer, born sharded on the mesh.
     vocab = vocabularies(ds)
     graphdef, state, shardings = state_lib.create(
-        lambda rngs: TwoTower(cfg.model, vocab, rngs), state_lib.make_optimizer(tc), tc.seed, mesh)
+        lambda rngs: TwoTower(cfg.model, vocab, rngs),
+        state_lib.make_optimizer(tc, logq_rows=vocab.num_items), tc.seed, mesh)
 
     # Resume order: (1) this workdir's latest checkpoint, (2) fresh init.
     mngr = checkpoint.make_manager(workdir / "checkpoints" / "retrieval", tc)
@@ -69,11 +72,27 @@ def train_retrieval(cfg: Config, ds: Dataset, workdir: pathlib.Path,
         start, loss = meta["step"], meta["loss"]
 
     train_step = steps.make_train_step(graphdef, steps.retrieval_loss, tc, shardings, mesh)
-    pidx, pcount = jax.process_index(), jax.process_count()
+    pidx = jax.process_index()
+    rows = sharding.process_rows(mesh, tc.batch_size)  # this process reads only its rows
+
+    # Extra negatives: uniform ones drawn from (seed, step); mined ones from a table that is
+    # re-mined every train.mine_every_epochs and saved, so a resumed run reads the same.
+    uniform_rows = sharding.process_rows(mesh, tc.uniform_negatives) if tc.uniform_negatives else None
+    miner = (mining.MinedNegatives(ds, positions, tc, workdir / "checkpoints" / "mined")
+             if tc.mined_negatives else None)
+    if miner is not None:
+        miner.restore(steps.model_of(graphdef, state), start)
 
     def batch_at(step):
-        batch = example_inputs(ds, order.at(step, pidx, pcount))
+        positions_B = order.at(step)[rows]
+        batch = example_inputs(ds, positions_B)
         batch["log_q"] = log_q_V[batch["item"]]
+        if tc.uniform_negatives:
+            uniform = uniform_negatives(ds.features, ds.num_items, tc.uniform_negatives, tc.seed,
+                                        step)
+            batch.update({k: v[uniform_rows] for k, v in uniform.items()})
+        if miner is not None:
+            batch.update(miner.inputs(positions_B))
         return sharding.shard_batch(batch, mesh)
 
     # Loop: step, log, evaluate on validation (early stopping), checkpoint.
@@ -83,6 +102,8 @@ def train_retrieval(cfg: Config, ds: Dataset, workdir: pathlib.Path,
                disable=True if pidx != 0 else None)
     with jax.set_mesh(mesh):
         while step < tc.num_steps:
+            if miner is not None and miner.due(step):
+                miner.refresh(steps.model_of(graphdef, state), step)
             batch = batch_at(step)
             t0 = time.perf_counter()
             state, loss_arr = train_step(state, batch)

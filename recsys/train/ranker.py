@@ -1,4 +1,4 @@
-"""Ranker training on the retrieval model's own candidates (its top-R are the hard negatives)."""
+"""Ranker training on events a retrieval model never saw: K-fold choice of the steps, then one fit."""
 
 from __future__ import annotations
 
@@ -6,144 +6,227 @@ import dataclasses
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 from tqdm import tqdm
 
 from recsys import sharding
-from recsys.config import Config
-from recsys.data.dataset import Dataset, FeatureTables
-from recsys.eval import metrics, protocol, ranking
+from recsys.config import Config, ConfigError
+from recsys.data.dataset import Dataset
+from recsys.eval import metrics, protocol
 from recsys.models import losses
 from recsys.models.ranker import Ranker
+from recsys.models.ranker_inputs import RankerTables, numeric_stats
 from recsys.train import checkpoint, steps
 from recsys.train import state as state_lib
-from recsys.train.loop import Trained, vocabularies
+from recsys.train.loop import Trained, train_retrieval, vocabularies
+from recsys.train.ranker_data import (
+    Events,
+    batch_inputs,
+    event_log_timeline,
+    holdout_dataset,
+    listwise_rows,
+    make_events,
+    make_tables,
+    retrieved_only,
+)
 
-
-@dataclasses.dataclass(frozen=True)
-class RankerInputs:
-    """Everything the ranker reads per candidate, beyond the request: by item row."""
-
-    tables: FeatureTables
-    item_vectors: np.ndarray  # [V, D] candidate-tower vectors
-    item_logpop: np.ndarray  # [V] log(1 + training count)
-
-
-def candidate_features(inputs: RankerInputs, q_BxD, user_B, cand_BxN) -> dict:
-    """The ranker's input dict for B queries and N candidate item rows each."""
-    return {"q": np.asarray(q_BxD, np.float32), "c": inputs.item_vectors[cand_BxN],
-            "item_genres": inputs.tables.item_genres[cand_BxN],
-            "item_year": inputs.tables.item_year[cand_BxN],
-            "item_logpop": inputs.item_logpop[cand_BxN],
-            "user_feats": inputs.tables.user_features[user_B]}
+# Model fields that decide the ranker's parameter shapes: other values refuse a checkpoint.
+SHAPE_FIELDS = ("out_dim", "ranker_hidden_dims", "ranker_embed_dim", "ranker_cross_layers",
+                "ranker_cross_rank", "ranker_structure", "ranker_use_ids", "ranker_use_vectors")
+EVAL_BLOCK = 64  # validation events scored per jitted call (one compiled shape)
+STATS_EVENTS = 1024  # training events whose candidates give the input standardisation
 
 
 def ranker_loss(model, batch: dict, cfg):
-    """Listwise softmax: column 0 is the true item, the rest are negatives."""
+    """Column 0 is the true item: listwise softmax over the row, or pointwise sigmoid BCE."""
     scores_BxN = model(batch)
-    return losses.softmax_cross_entropy(scores_BxN, np.zeros(scores_BxN.shape[0], np.int32))
+    if cfg.ranker_loss == "bce":
+        labels_BxN = jnp.zeros_like(scores_BxN).at[:, 0].set(1.0)
+        return optax.sigmoid_binary_cross_entropy(scores_BxN, labels_BxN).sum(1).mean()
+    return losses.softmax_cross_entropy(scores_BxN, jnp.zeros(scores_BxN.shape[0], jnp.int32))
 
 
-def retrieve_exact(ds: Dataset, q_QxD, positions, r: int, items_VxD) -> np.ndarray:
-    """Exact top-R item rows per event, excluding the user's earlier items: [Q, R]."""
-    offsets, excluded = ds.earlier_items(positions)
-    _, rows = ranking.exact_topk(q_QxD, items_VxD, r, offsets, excluded)
-    return np.asarray(rows)
+def make_optimizer(tc) -> optax.GradientTransformation:
+    """Adam at ranker_learning_rate; adamw when ranker_weight_decay > 0 (never on dot_scale)."""
+    if tc.ranker_weight_decay <= 0:
+        return optax.adam(tc.ranker_learning_rate)
+    return optax.adamw(tc.ranker_learning_rate, weight_decay=tc.ranker_weight_decay,
+                       mask=lambda params: jax.tree.map(lambda x: x.ndim > 0, params))
+
+
+def build_model(cfg: Config, ds: Dataset, rngs: nnx.Rngs, stats=None) -> Ranker:
+    return Ranker(cfg.model, vocabularies(ds), ds.history_len, rngs, stats)
 
 
 def train_ranker(cfg: Config, ds: Dataset, retrieval: Trained, workdir: pathlib.Path,
-                 mesh: jax.sharding.Mesh) -> tuple[Trained, RankerInputs]:
-    """Trains the ranker on events whose candidates come from the frozen retrieval model."""
-    tc, r = cfg.train, cfg.serve.num_candidates
-    rng = np.random.default_rng(tc.seed)
-    # Data: a seeded sample of training events with their retrieved top-R candidates.
-    two_tower = retrieval.model()
-    positions = ds.train_positions(cfg.data.trained_on, cfg.data.max_examples_per_user)
-    wanted = min(len(positions), max(tc.ranker_steps * tc.ranker_batch_size // 4, 4096))
-    positions = np.sort(rng.choice(positions, wanted, replace=False))
-    items_VxD = protocol.item_vectors(two_tower, ds.features)
+                 mesh: jax.sharding.Mesh) -> tuple[Trained, RankerTables]:
+    """Trains the ranker; returns it and the tables serving reads (from the served retrieval).
+
+    Where events come from is train.ranker_events (see `ranker_events`); the ranker reads the
+    features of the retrieval model that never trained on them, as serving will at test time.
+    """
+    workdir = pathlib.Path(workdir)
+    # Data: the feature model, its tables, and its events with exact top-R candidates each.
     counts = ds.item_counts(ds.train_positions(cfg.data.trained_on))
-    inputs = RankerInputs(ds.features, items_VxD, np.log1p(counts).astype(np.float32))
-    q_MxD = protocol.query_vectors(two_tower, ds, positions)
-    cand_MxR = retrieve_exact(ds, q_MxD, positions, r, items_VxD)
-    users_M, targets_M = ds.seq_users[positions], ds.seq_items[positions]
+    logpop_V = np.log1p(counts).astype(np.float32)
+    timeline = event_log_timeline(ds)
+    served_items = protocol.item_vectors(retrieval.model(), ds.features)
+    feature_model, positions = ranker_events(cfg, ds, retrieval, workdir, mesh)
+    items_VxD = (served_items if feature_model is retrieval
+                 else protocol.item_vectors(feature_model.model(), ds.features))
+    tables = make_tables(ds, items_VxD, logpop_V, timeline)
+    events = make_events(feature_model.model(), ds, positions, items_VxD,
+                         cfg.serve.num_candidates)
+    trained = fit_ranker(cfg, ds, tables, events, workdir, mesh)
+    return trained, make_tables(ds, served_items, logpop_V, timeline)
 
-    def batch_at(step):
-        idx = np.random.default_rng([tc.seed, step]).choice(len(positions), tc.ranker_batch_size)
-        return make_listwise_batch(inputs, q_MxD[idx], users_M[idx], targets_M[idx],
-                                   cand_MxR[idx], tc.ranker_negatives,
-                                   np.random.default_rng([tc.seed, step, 1]), ds.num_items)
 
-    # Model and optimizer, born sharded; resume from this workdir's ranker checkpoint.
-    vocab = vocabularies(ds)
+def ranker_events(cfg: Config, ds: Dataset, retrieval: Trained, workdir: pathlib.Path, mesh):
+    """(feature retrieval model, event positions) the ranker learns from.
+
+    validation: every user's validation event, scored by a retrieval model trained without it
+      (trained_on=train; the served one when it is already), so its features look exactly as
+      test events' do to the served model.
+    holdout: the latest ranker_holdout_events of every user, scored by a shadow retrieval model
+      trained without them (recsys.train.ranker_data.holdout_dataset).
+    training: the served model's own training events (its scores there are over-confident).
+    """
+    tc = cfg.train
+    if tc.ranker_events == "validation":
+        model = retrieval
+        if cfg.data.trained_on != "train":
+            fresh = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, trained_on="train"))
+            model = train_retrieval(fresh, ds, workdir / "ranker_validation", mesh)
+        return model, ds.eval_positions("val")
+    if tc.ranker_events == "holdout":
+        shadow_ds, train_pos, val_pos = holdout_dataset(ds, tc.ranker_holdout_events)
+        shadow = train_retrieval(cfg, shadow_ds, workdir / "ranker_holdout", mesh)
+        return shadow, np.union1d(train_pos, val_pos)
+    positions = ds.train_positions(cfg.data.trained_on)
+    wanted = min(len(positions), tc.ranker_steps * tc.ranker_batch_size)
+    return retrieval, np.sort(np.random.default_rng(tc.seed).choice(positions, wanted, False))
+
+
+def fit_ranker(cfg: Config, ds: Dataset, tables: RankerTables, events: Events,
+               workdir: pathlib.Path, mesh) -> Trained:
+    """Trains (or restores from workdir) a ranker on listwise batches of `events`.
+
+    The number of steps is chosen by K-fold cross-validation over users (train.ranker_folds):
+    K models train in lockstep, each on the events of the other folds, and the mean validation
+    NDCG@10 of their held-out folds, every ranker_eval_every steps, picks the step count (with
+    patience); then one model trains on every event for that many steps.
+    """
+    tc = cfg.train
+    if tc.ranker_folds < 2:
+        raise ConfigError(f"train.ranker_folds={tc.ranker_folds}: cross-validation needs >= 2 folds")
+    sample = events.take(np.arange(min(len(events.positions), STATS_EVENTS)))
+    stats = numeric_stats([batch_inputs(tables, sample, sample.candidates)])
     graphdef, state, shardings = state_lib.create(
-        lambda rngs: Ranker(cfg.model, vocab, rngs),
-        state_lib.make_optimizer(tc, tc.ranker_learning_rate), tc.seed + 1, mesh)
+        lambda rngs: build_model(cfg, ds, rngs, stats), make_optimizer(tc), tc.seed + 1, mesh)
     mngr = checkpoint.make_manager(workdir / "checkpoints" / "ranker", tc)
-    expected = checkpoint.as_json({"model.ranker_hidden_dims": cfg.model.ranker_hidden_dims,
-                                   "model.out_dim": cfg.model.out_dim, **{
-                                       f"vocab.{k}": v for k, v in dataclasses.asdict(vocab).items()
-                                       if k != "num_items"}})
+    expected = checkpoint.as_json({
+        **{f"model.{k}": getattr(cfg.model, k) for k in SHAPE_FIELDS},
+        "data.history_len": ds.history_len,
+        **{f"vocab.{k}": v for k, v in dataclasses.asdict(vocabularies(ds)).items()}})
     restored = checkpoint.restore_or_none(mngr, state_lib.abstract_state(state, shardings), expected)
-    start, loss = (restored[1]["step"], restored[1]["loss"]) if restored else (0, float("nan"))
     if restored:
-        state = restored[0]
-    train_step = steps.make_train_step(graphdef, ranker_loss, tc, shardings, mesh)
-    bar = tqdm(total=tc.ranker_steps, initial=start, desc="ranker", dynamic_ncols=True,
-               disable=True if jax.process_index() != 0 else None)
+        state, meta = restored
+        out = {k: v for k, v in meta.items() if k.startswith("ranker/")}
+    else:
+        train_step = steps.make_train_step(graphdef, ranker_loss, tc, shardings, mesh)
+        fold_E = fold_of(events, tc.ranker_folds, tc.seed)
+        out = _cross_validate(cfg, ds, graphdef, state, train_step, tables, events, fold_E, mesh)
+        retrieved = retrieved_only(events)
+        state, loss = _train(cfg, ds, train_step, _copy(state), tables, retrieved,
+                             out["ranker/steps"], mesh, fold=-1)
+        out.update({"ranker/final_loss": loss, "ranker/train_events": len(retrieved.positions)})
+        with jax.set_mesh(mesh):
+            checkpoint.save(mngr, out["ranker/steps"], state, {**expected, **out})
+    checkpoint.wait(mngr)
+    mngr.close()
+    return Trained(graphdef, state, out)
+
+
+def fold_of(events: Events, folds: int, seed: int) -> np.ndarray:
+    """[M] fold of each event: users are dealt into `folds` folds by a seeded permutation."""
+    users = np.unique(events.users)
+    fold_of_user = np.random.default_rng([seed, 7]).permutation(len(users)) % folds
+    return fold_of_user[np.searchsorted(users, events.users)]
+
+
+def _copy(state):
+    return jax.tree.map(lambda x: x.copy(), state)
+
+
+def _train(cfg: Config, ds: Dataset, train_step, state, tables, events: Events, num_steps: int,
+           mesh, fold: int, first_step: int = 0):
+    """Steps first_step .. num_steps on listwise batches of `events` (seeded by fold and step)."""
+    tc = cfg.train
+    rows = sharding.process_rows(mesh, tc.ranker_batch_size)  # this process's rows of a batch
+    loss = float("nan")
     with jax.set_mesh(mesh):
-        for step in range(start, tc.ranker_steps):
-            batch = sharding.shard_batch(_local_rows(batch_at(step)), mesh)
-            state, loss_arr = train_step(state, batch)
-            bar.update(1)
-            if (step + 1) % tc.log_every == 0 or step + 1 == tc.ranker_steps:
-                loss = float(loss_arr)
-                bar.set_postfix(loss=f"{loss:.4f}")
-        if tc.ranker_steps > start:
-            checkpoint.save(mngr, tc.ranker_steps, state, {**expected, "step": tc.ranker_steps,
-                                                           "loss": loss})
-        checkpoint.wait(mngr)
-        mngr.close()
+        for step in range(first_step, num_steps):
+            rng = np.random.default_rng([tc.seed, fold + 1, step])
+            ev = events.take(rng.choice(len(events.positions), tc.ranker_batch_size))
+            cand = listwise_rows(ev, tc.ranker_negatives, tc.ranker_random_negatives, rng,
+                                 ds.num_items)
+            batch = batch_inputs(tables, ev, cand)
+            state, loss_arr = train_step(state, sharding.shard_batch(
+                {k: v[rows] for k, v in batch.items()}, mesh))
+        if num_steps > first_step:
+            loss = float(loss_arr)
+    return state, loss
+
+
+def _cross_validate(cfg: Config, ds: Dataset, graphdef, state0, train_step, tables,
+                    events: Events, fold_E: np.ndarray, mesh) -> dict:
+    """Trains one model per fold in lockstep; returns the chosen steps and validation metrics."""
+    tc = cfg.train
+    k = tc.ranker_folds
+    every = tc.ranker_eval_every or tc.ranker_steps
+    pools = [retrieved_only(events.take(np.flatnonzero(fold_E != f))) for f in range(k)]
+    held = [events.take(np.flatnonzero(fold_E == f)) for f in range(k)]
+    states = [_copy(state0) for _ in range(k)]
+    # Step 0 is the retrieval order itself (the correction starts at zero).
+    curve = {0: _mean_val(graphdef, states, tables, held)}
+    best, bad, step = 0, 0, 0
+    bar = tqdm(total=tc.ranker_steps, desc=f"ranker ({k}-fold)", dynamic_ncols=True,
+               disable=True if jax.process_index() != 0 else None)
+    while step < tc.ranker_steps:
+        nxt = min(step + every, tc.ranker_steps)
+        states = [_train(cfg, ds, train_step, s, tables, pool, nxt, mesh, f, step)[0]
+                  for f, (s, pool) in enumerate(zip(states, pools))]
+        bar.update(nxt - step)
+        step = nxt
+        curve[step] = _mean_val(graphdef, states, tables, held)
+        bar.set_postfix(val_ndcg=f"{curve[step]['ranker/val_ndcg@10']:.4f}")
+        if curve[step]["ranker/val_ndcg@10"] > curve[best]["ranker/val_ndcg@10"]:
+            best, bad = step, 0
+        else:
+            bad += 1
+            if tc.ranker_patience and bad >= tc.ranker_patience:
+                break
     bar.close()
-    trained = Trained(graphdef, state, {"ranker/final_loss": loss, "ranker/steps": tc.ranker_steps})
-    trained.metrics.update(validate(cfg, ds, two_tower, trained, inputs))
-    return trained, inputs
+    return {"ranker/steps": best, "ranker/cv_steps": step, **curve[best],
+            "ranker/val_events": len(events.positions), "ranker/folds": k,
+            "ranker/val_retrieval_ndcg@10": curve[0]["ranker/val_ndcg@10"]}
 
 
-def make_listwise_batch(inputs: RankerInputs, q_BxD, users_B, targets_B, cand_BxR,
-                        num_negatives: int, rng: np.random.Generator, num_items: int) -> dict:
-    """[target, negatives...] per event: 3/4 hard ones from the top-R, 1/4 uniform at random."""
-    b, r = cand_BxR.shape
-    hard = num_negatives - num_negatives // 4
-    cols_BxH = rng.integers(0, r, (b, hard))
-    neg_BxK = np.concatenate([np.take_along_axis(cand_BxR, cols_BxH, axis=1),
-                              rng.integers(1, num_items + 1, (b, num_negatives - hard))], axis=1)
-    bad = (neg_BxK == targets_B[:, None]) | (neg_BxK <= 0)
-    neg_BxK = np.where(bad, rng.integers(1, num_items + 1, neg_BxK.shape), neg_BxK)
-    cand_BxN = np.concatenate([targets_B[:, None], neg_BxK], axis=1)
-    return candidate_features(inputs, q_BxD, users_B, cand_BxN)
-
-
-def _local_rows(batch: dict) -> dict:
-    """This process's slice of a batch every process built identically."""
-    n = len(batch["q"]) // jax.process_count()
-    lo = jax.process_index() * n
-    return {k: v[lo:lo + n] for k, v in batch.items()}
-
-
-def validate(cfg: Config, ds: Dataset, two_tower, ranker: Trained, inputs: RankerInputs) -> dict:
-    """Validation HR@10/NDCG@10 of retrieval order vs ranker order over exact top-R candidates."""
-    ev = protocol.evaluate_retrieval(two_tower, ds, "val", cfg.eval)
-    cand_QxR = retrieve_exact(ds, ev.query_vectors, ev.positions, cfg.serve.num_candidates,
-                              inputs.item_vectors)
-    scores_QxR = score_candidates(ranker.model(), inputs, ev.query_vectors,
-                                  ds.seq_users[ev.positions], cand_QxR)
-    reranked = np.take_along_axis(cand_QxR, np.argsort(-scores_QxR, axis=1, kind="stable"), 1)
-    targets = ds.seq_items[ev.positions]
+def _mean_val(graphdef, states, tables, held: list[Events]) -> dict:
+    """Validation HR@10 / NDCG@10 over every held-out fold together (each by its own model)."""
+    reranked, targets = [], []
+    for s, ev in zip(states, held):
+        if not len(ev.positions):  # fewer users than folds
+            continue
+        scores = score_events(steps.model_of(graphdef, s), tables, ev)
+        reranked.append(np.take_along_axis(ev.candidates, np.argsort(-scores, 1, kind="stable"), 1))
+        targets.append(ev.targets)
+    reranked, targets = np.concatenate(reranked), np.concatenate(targets)
     return {"ranker/val_ndcg@10": metrics.ndcg_at_k(reranked, targets, 10),
-            "ranker/val_hr@10": metrics.hit_rate_at_k(reranked, targets, 10),
-            "ranker/val_retrieval_ndcg@10": metrics.ndcg_at_k(cand_QxR, targets, 10)}
+            "ranker/val_hr@10": metrics.hit_rate_at_k(reranked, targets, 10)}
 
 
 @nnx.jit
@@ -151,13 +234,22 @@ def _score(ranker, batch):
     return ranker(batch)
 
 
-def score_candidates(ranker, inputs: RankerInputs, q_QxD, users_Q, cand_QxR,
-                     block: int = 256) -> np.ndarray:
-    """Ranker scores for candidates in blocks of queries: [Q, R] (invalid rows -1 score -inf)."""
+def score_events(ranker, tables: RankerTables, ev: Events, block: int = EVAL_BLOCK) -> np.ndarray:
+    """Ranker scores of every event's top-R candidates: [M, R] (-inf where a row is -1)."""
     out = []
-    for lo in range(0, len(q_QxD), block):
-        cand = np.maximum(cand_QxR[lo:lo + block], 0)
-        out.append(np.asarray(_score(ranker, candidate_features(
-            inputs, q_QxD[lo:lo + block], users_Q[lo:lo + block], cand))))
+    for lo in range(0, len(ev.positions), block):
+        idx = np.arange(lo, lo + block) % len(ev.positions)  # pad the last block: one shape
+        part = ev.take(idx)
+        scores = sharding.to_host(_score(ranker, batch_inputs(tables, part, part.candidates)))
+        out.append(scores[:min(block, len(ev.positions) - lo)])
     scores = np.concatenate(out)
-    return np.where(cand_QxR > 0, scores, -np.inf)
+    return np.where(ev.candidates > 0, scores, -np.inf)
+
+
+def validate(ranker, tables: RankerTables, ev: Events, prefix: str) -> dict:
+    """HR@10 / NDCG@10 of the ranker's order of each event's top-R, and of the retrieval order."""
+    scores_MxR = score_events(ranker, tables, ev)
+    reranked = np.take_along_axis(ev.candidates, np.argsort(-scores_MxR, axis=1, kind="stable"), 1)
+    return {f"{prefix}ndcg@10": metrics.ndcg_at_k(reranked, ev.targets, 10),
+            f"{prefix}hr@10": metrics.hit_rate_at_k(reranked, ev.targets, 10),
+            f"{prefix}retrieval_ndcg@10": metrics.ndcg_at_k(ev.candidates, ev.targets, 10)}

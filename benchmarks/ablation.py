@@ -1,0 +1,154 @@
+"""Retrieval ablation on MovieLens: baselines, the plain two-tower, then one addition per row.
+
+    python -m benchmarks.ablation --data ../shared/data/ml-latest-small --seeds 0,1,2 \
+        --json docs/ablation.json --markdown docs/ablation.md
+
+Each two-tower row is configs/movielens.py plus the row's overrides (cumulative: a row adds
+its change to the row above) with train.ranker_steps=0, trained as the config says and ranked
+on the test split by the protocol's code; its `command` reproduces one seed with the CLI
+(`recsys pipeline` prints the same retrieval/* metrics). Popularity and EASE (lambda tuned on
+validation) come from benchmarks.baselines on the same split. With --json, finished runs are
+kept and skipped on the next call, so the table can be filled in several sittings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import tempfile
+import time
+
+import numpy as np
+
+from benchmarks import baselines
+from recsys import config as config_lib
+from recsys import pipeline, sharding
+from recsys.config import DataConfig, EvalConfig
+from recsys.eval import protocol
+from recsys.train.loop import train_retrieval
+
+CONFIG = "configs/movielens.py"
+METRICS = ("hr@10", "hr@50", "hr@100", "ndcg@10")
+# The plain two-tower: mean-pooled history and user id, in-batch softmax without correction.
+PLAIN = ["model.history_pooling=mean", "model.use_features=false", "model.time_features=false",
+         "train.logq_correction=false", "train.uniform_negatives=0", "train.hard_negatives=0",
+         "train.mined_negatives=0"]
+# (row name, overrides, kept). A row adds its overrides to every kept row above it; a row that
+# validation did not keep is shown but not carried on. The kept rows add up to
+# configs/movielens.py (tests/test_movielens_config.py checks it).
+ROWS = [
+    ("plain two-tower (mean history, no logQ)", PLAIN, True),
+    ("+ logQ correction", ["train.logq_correction=true"], True),
+    ("+ mixed negatives (uniform, own correction)", ["train.uniform_negatives=2048"], True),
+    ("+ in-batch hard negatives (top-k)", ["train.hard_negatives=256"], True),
+    ("+ index-mined hard negatives", ["train.mined_negatives=8"], True),
+    ("+ order-aware history", ["model.history_pooling=recency"], True),
+    ("+ features (genres, year)", ["model.use_features=true"], True),
+]
+
+
+def row_overrides(index: int) -> list[str]:
+    """Overrides of row `index`: those of every kept row above it, then its own."""
+    kept = [o for _, overrides, keep in ROWS[:index] if keep for o in overrides]
+    return kept + ROWS[index][1]
+
+
+def command(data: str, overrides: list[str], seed: int) -> str:
+    sets = " ".join(f"--set {o}" for o in [f"data.path={data}", "train.ranker_steps=0",
+                                            f"train.seed={seed}", *overrides])
+    return f"recsys pipeline --config {CONFIG} {sets} --workdir runs/ablation"
+
+
+def two_tower_test(data: str, overrides: list[str], seed: int) -> dict:
+    """Test metrics of one two-tower run (what `command` prints as retrieval/*)."""
+    cfg = config_lib.apply_overrides(config_lib.load(CONFIG), [
+        f"data.path={data}", "train.ranker_steps=0", f"train.seed={seed}", *overrides])
+    ds = pipeline.load_data(cfg)
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix="ablation-") as tmp:
+        trained = train_retrieval(cfg, ds, pathlib.Path(tmp), sharding.make_mesh(cfg.mesh))
+        ev = protocol.evaluate_retrieval(trained.model(), ds, "test", cfg.eval)
+    return {**{k: ev.metrics[k] for k in METRICS}, "steps": trained.metrics["train/steps"],
+            "seconds": round(time.time() - t0, 1)}
+
+
+def summarise(runs: list[dict]) -> dict:
+    return {k: {"mean": float(np.mean([r[k] for r in runs])),
+                "std": float(np.std([r[k] for r in runs]))} for k in METRICS}
+
+
+def markdown(result: dict) -> str:
+    head = ["row", *(k.upper().replace("HR", "HR").replace("NDCG", "NDCG") for k in METRICS),
+            "seeds"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * len(METRICS) + "---|"]
+    for row in result["rows"]:
+        s = row["summary"]
+        cells = [row["name"]] + [f"{s[k]['mean']:.4f} ± {s[k]['std']:.4f}" if row["runs"] > 1
+                                 else f"{s[k]['mean']:.4f}" for k in METRICS]
+        lines.append("| " + " | ".join(cells + [str(row["runs"])]) + " |")
+    return "\n".join(lines)
+
+
+def run(data: str, seeds: tuple[int, ...], previous: dict | None = None,
+        only: set[int] | None = None, lambdas=baselines.LAMBDAS, log=print) -> dict:
+    """Every row for every seed (skipping runs found in `previous`); returns the JSON result."""
+    done = {(r["name"], s): m for r in (previous or {}).get("rows", [])
+            for s, m in r.get("per_seed", {}).items()}
+    rows = []
+    if previous and "baselines" in previous:
+        base = previous["baselines"]
+    else:
+        base = baselines.run(DataConfig(source="movielens", path=data), EvalConfig(), lambdas)
+    ease_cmd = f"python -m benchmarks.baselines --data {data}"
+    rows.append({"name": "popularity", "runs": 1, "command": ease_cmd,
+                 "summary": {k: {"mean": base["popularity"]["test"][k], "std": 0.0}
+                             for k in METRICS}})
+    rows.append({"name": f"EASE (lambda {base['ease']['lambda']:g}, tuned on validation)",
+                 "runs": 1, "command": ease_cmd,
+                 "summary": {k: {"mean": base["ease"]["test"][k], "std": 0.0} for k in METRICS}})
+    for i, (name, _, keep) in enumerate(ROWS):
+        name = name if keep else f"{name} (not kept)"
+        overrides = row_overrides(i)
+        per_seed = {}
+        for s in seeds:
+            key = (name, str(s))
+            if key in done:
+                per_seed[str(s)] = done[key]
+            elif only is None or i in only:
+                per_seed[str(s)] = two_tower_test(data, overrides, s)
+                log(f"{name} seed {s}: " + " ".join(f"{k} {per_seed[str(s)][k]:.4f}"
+                                                    for k in METRICS))
+        if not per_seed:
+            continue
+        rows.append({"name": name, "overrides": overrides, "command": command(data, overrides, 0),
+                     "per_seed": per_seed, "runs": len(per_seed),
+                     "summary": summarise(list(per_seed.values()))})
+    return {"data": data, "seeds": list(seeds), "baselines": base, "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", required=True)
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--rows", help="comma-separated row numbers to run (0 = plain; default all)")
+    p.add_argument("--lambdas", default=",".join(str(x) for x in baselines.LAMBDAS))
+    p.add_argument("--json", help="result file; runs already in it are not repeated")
+    p.add_argument("--markdown", help="also write the table here")
+    args = p.parse_args(argv)
+    path = pathlib.Path(args.json) if args.json else None
+    previous = json.loads(path.read_text()) if path and path.is_file() else None
+    result = run(args.data, tuple(int(s) for s in args.seeds.split(",")), previous,
+                 {int(r) for r in args.rows.split(",")} if args.rows else None,
+                 tuple(float(x) for x in args.lambdas.split(",")))
+    table = markdown(result)
+    print("\n" + table)
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2))
+    if args.markdown:
+        pathlib.Path(args.markdown).write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()

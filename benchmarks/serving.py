@@ -1,0 +1,132 @@
+"""Serving latency per stage and batched throughput of `Recommender`, with a compilation count.
+
+    python -m benchmarks.serving --artifacts runs/ml-small/artifacts \
+        --synthetic-items 1000000 --json runs/serving.json
+
+For each artifacts directory (a real one, and a synthetic catalogue built here with a short
+pipeline run, where ScaNN is really approximate): load + warm-up time; then single requests of
+random known users, one at a time, with p50/p99 wall milliseconds per stage and in total; the
+same for the query tower + index search alone (the baseline, measured in the same run); and
+batched requests per second. Every JAX compilation during the measured requests is counted (it
+must be 0). The load average is recorded beside the figures (the machine may be shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import time
+
+import jax
+import numpy as np
+
+from recsys.serve import Recommender
+from recsys.serve.recommender import STAGES
+
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+def _percentiles(values_ms: list[float]) -> dict:
+    p50, p99 = np.percentile(np.asarray(values_ms), [50, 99])
+    return {"p50_ms": round(float(p50), 3), "p99_ms": round(float(p99), 3)}
+
+
+def measure(artifacts: pathlib.Path, num_requests: int, seed: int = 0) -> dict:
+    """Latency and throughput of one artifacts directory (see the module docstring)."""
+    t0 = time.perf_counter()
+    rec = Recommender.load(artifacts)
+    load_s = time.perf_counter() - t0
+    rng = np.random.default_rng(seed)
+    users = rec.a.users.ids[rng.integers(0, len(rec.a.users.ids), num_requests)].tolist()
+    for u in users[:50]:  # warm caches (numpy, ScaNN); compiles happened in load
+        rec.recommend(user_id=u, k=10)
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == COMPILE_EVENT:
+            compiles.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        stages = {s: [] for s in (*STAGES, "total", "wall")}
+        for u in users:
+            start = time.perf_counter()
+            out = rec.recommend(user_id=u, k=10)
+            stages["wall"].append((time.perf_counter() - start) * 1e3)
+            for s in (*STAGES, "total"):
+                stages[s].append(out.timings[s])
+        baseline = []
+        for u in users:
+            start = time.perf_counter()
+            row = rec.a.users.lookup([u])
+            hist = rec.a.history_items[rec.a.history_offsets[row[0]]:rec.a.history_offsets[row[0] + 1]]
+            h = np.zeros((1, rec.history_len), np.int32)
+            tail = hist[-rec.history_len:]
+            h[0, rec.history_len - len(tail):] = tail
+            rec.a.searcher.search(rec._query_vectors(h, row.astype(np.int32)), rec.num_candidates)
+            baseline.append((time.perf_counter() - start) * 1e3)
+        batched = {}
+        for b in (64, 256):
+            reqs = [{"user_id": u, "k": 10} for u in (users * (1 + 2 * b // len(users)))[:2 * b]]
+            rec.recommend_batch(reqs[:b])
+            start = time.perf_counter()
+            rec.recommend_batch(reqs)
+            batched[f"batch_{b}_requests_per_s"] = round(len(reqs) / (time.perf_counter() - start), 1)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    single = {s: _percentiles(v) for s, v in stages.items()}
+    base = _percentiles(baseline)
+    return {"num_items": int(rec.a.manifest["num_items"]), "index": rec.a.manifest.get("index"),
+            "num_candidates": rec.num_candidates, "load_and_warmup_s": round(load_s, 2),
+            "single_request": single, "baseline_query_tower_plus_index": base,
+            "total_over_baseline_p50": round(single["total"]["p50_ms"] / base["p50_ms"], 2),
+            **batched, "compilations_during_measurement": len(compiles),
+            "requests": num_requests}
+
+
+def synthetic_artifacts(num_items: int, workdir: pathlib.Path) -> pathlib.Path:
+    """A short pipeline run on a synthetic catalogue of num_items (reused when present)."""
+    from recsys import config as config_lib
+    from recsys import pipeline
+    out = workdir / "artifacts"
+    if (out / "manifest.json").is_file():
+        return out
+    cfg = config_lib.load(pathlib.Path(__file__).resolve().parents[1] / "configs" / "quickstart.py")
+    cfg = dataclasses.replace(
+        cfg, name=f"serving-bench-{num_items}",
+        data=dataclasses.replace(cfg.data, num_users=2000, num_items=num_items),
+        train=dataclasses.replace(cfg.train, num_steps=100, eval_every=0, ranker_steps=20,
+                                  ranker_batch_size=64, ranker_events="training"),
+        eval=dataclasses.replace(cfg.eval, max_users=500))
+    pipeline.run(cfg, workdir)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--artifacts", action="append", default=[], help="artifacts dir (repeatable)")
+    p.add_argument("--synthetic-items", type=int, default=0,
+                   help="also build and measure a synthetic catalogue of this many items")
+    p.add_argument("--workdir", default="runs/serving-bench", help="where synthetic runs go")
+    p.add_argument("--requests", type=int, default=1000)
+    p.add_argument("--json", help="write the result here too")
+    args = p.parse_args()
+    dirs = {str(a): pathlib.Path(a) for a in args.artifacts}
+    if args.synthetic_items:
+        work = pathlib.Path(args.workdir) / f"synthetic-{args.synthetic_items}"
+        dirs[f"synthetic-{args.synthetic_items}"] = synthetic_artifacts(args.synthetic_items, work)
+    result = {"load_average_before": os.getloadavg(), "cpus": os.cpu_count(),
+              "jax": jax.__version__,
+              "runs": {name: measure(d, args.requests) for name, d in dirs.items()},
+              "load_average_after": os.getloadavg()}
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        pathlib.Path(args.json).write_text(text)
+
+
+if __name__ == "__main__":
+    main()

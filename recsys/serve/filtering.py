@@ -1,0 +1,103 @@
+"""Stage 2, vectorised over a batch: seen, excluded, unavailable and attribute-filtered items."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from recsys.config import NUM_YEAR_BUCKETS
+from recsys.serve.requests import Request
+
+FIRST_BUCKET_YEAR = 1900  # year buckets as in recsys.data.dataset.year_bucket: 5 years each
+BUCKET_YEARS = 5
+
+
+class Availability:
+    """Which item rows may be served; changed while serving (copy on write, readers never lock)."""
+
+    def __init__(self, num_rows: int):
+        mask = np.ones(num_rows, bool)
+        mask[0] = False
+        self._mask = mask
+        self._lock = threading.Lock()
+
+    @property
+    def mask(self) -> np.ndarray:
+        """The current [V] mask (a snapshot: later changes make a new array)."""
+        return self._mask
+
+    def set(self, rows: np.ndarray, available: bool) -> None:
+        with self._lock:
+            mask = self._mask.copy()
+            mask[np.asarray(rows, np.int64)] = available
+            mask[0] = False
+            self._mask = mask
+
+
+def year_to_bucket(year: int) -> int:
+    """The bucket holding `year` (clipped to the bucketed range, 1..NUM_YEAR_BUCKETS-1)."""
+    return int(np.clip((year - FIRST_BUCKET_YEAR) // BUCKET_YEARS + 1, 1, NUM_YEAR_BUCKETS - 1))
+
+
+def allowed(reqs: list[Request], cand_BxM: np.ndarray, available_V: np.ndarray,
+            item_genres: np.ndarray, item_year: np.ndarray, genre_names: tuple[str, ...]):
+    """[B, M] bool: the candidate is a real, available item that no rule of its request bans.
+
+    Year bounds have the 5-year resolution of the stored year buckets: a bound inside a bucket
+    keeps that whole bucket; items of unknown year fail any year bound.
+    """
+    b, _ = cand_BxM.shape
+    rows_BxM = np.maximum(cand_BxM, 0)
+    ok = (cand_BxM > 0) & available_V[rows_BxM]
+    # Seen and excluded rows: one membership test over (request, row) keys.
+    num_rows = len(available_V)
+    banned = [i * num_rows + np.concatenate([r.seen_rows, r.exclude_rows]).astype(np.int64)
+              for i, r in enumerate(reqs)]
+    if any(len(x) for x in banned):
+        keys_BxM = np.arange(b)[:, None] * num_rows + rows_BxM
+        ok &= ~np.isin(keys_BxM, np.concatenate(banned))
+    if not any(r.filters for r in reqs):
+        return ok
+    col = {name: i for i, name in enumerate(genre_names)}
+    g = item_genres.shape[1]
+    not_BxG, any_BxG = np.zeros((b, g), np.float32), np.zeros((b, g), np.float32)
+    lo_B, hi_B = np.zeros(b, np.int64), np.full(b, NUM_YEAR_BUCKETS, np.int64)
+    for i, r in enumerate(reqs):
+        f = r.filters
+        not_BxG[i, [col[x] for x in f.get("genres_not", ())]] = 1.0
+        any_BxG[i, [col[x] for x in f.get("genres_any", ())]] = 1.0
+        if "year_min" in f:
+            lo_B[i] = year_to_bucket(f["year_min"])
+        if "year_max" in f:
+            hi_B[i] = year_to_bucket(f["year_max"])
+    genres_BxMxG = item_genres[rows_BxM]
+    ok &= np.einsum("bmg,bg->bm", genres_BxMxG, not_BxG) == 0
+    wants_any_B = any_BxG.sum(1) > 0
+    ok &= ~wants_any_B[:, None] | (np.einsum("bmg,bg->bm", genres_BxMxG, any_BxG) > 0)
+    year_BxM = item_year[rows_BxM]
+    has_bound_B = (lo_B > 0) | (hi_B < NUM_YEAR_BUCKETS)
+    ok &= ~has_bound_B[:, None] | ((year_BxM >= lo_B[:, None]) & (year_BxM <= hi_B[:, None])
+                                   & (year_BxM > 0))
+    return ok
+
+
+def first_allowed(cand_BxM: np.ndarray, ok_BxM: np.ndarray, n: int) -> np.ndarray:
+    """The first n allowed candidates of each row, in order: [B, n] rows (-1 where fewer)."""
+    order_BxM = np.argsort(~ok_BxM, axis=1, kind="stable")[:, :n]
+    rows = np.take_along_axis(cand_BxM, order_BxM, axis=1)
+    keep = np.take_along_axis(ok_BxM, order_BxM, axis=1)
+    out = np.where(keep, rows, -1)
+    if out.shape[1] < n:
+        out = np.concatenate([out, np.full((len(out), n - out.shape[1]), -1, out.dtype)], 1)
+    return out
+
+
+def dedupe(cand_BxM: np.ndarray, num_rows: int) -> np.ndarray:
+    """Later repeats of a row within each request's list become -1 (first occurrence kept)."""
+    b, m = cand_BxM.shape
+    keys = (np.arange(b)[:, None] * (num_rows + 1) + cand_BxM + 1).ravel()
+    _, first = np.unique(keys, return_index=True)
+    keep = np.zeros(b * m, bool)
+    keep[first] = True
+    return np.where(keep.reshape(b, m), cand_BxM, -1)

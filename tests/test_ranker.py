@@ -1,0 +1,188 @@
+"""The DCN-v2 ranker, its inputs (time features, history attention) and its training examples."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from recsys import sharding
+from recsys.config import DataConfig, MeshConfig, ModelConfig
+from recsys.data import dataset as dataset_lib
+from recsys.data.synthetic import generate
+from recsys.models.ranker import CrossLayer, Ranker
+from recsys.models.ranker_inputs import (
+    DAY,
+    ItemTimeline,
+    RankerTables,
+    input_spec,
+    ranker_inputs,
+)
+from recsys.models.two_tower import Vocabularies
+from recsys.train.ranker_data import Events, holdout_dataset, listwise_rows, retrieved_only
+
+V, U, G, D, L = 50, 20, 4, 8, 6
+
+
+@pytest.fixture(autouse=True)
+def one_device_mesh():
+    """Parameters carry logical axes, so building a model needs a mesh and the rules table."""
+    mesh = sharding.make_mesh(MeshConfig(), devices=jax.devices()[:1])
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.RULES):
+        yield
+
+
+def tables(rng, log_rows=None, log_times=None) -> RankerTables:
+    vecs = rng.standard_normal((V, D)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    if log_rows is None:
+        log_rows, log_times = rng.integers(1, V, 500), rng.integers(0, 400 * DAY, 500)
+    return RankerTables(vecs, (rng.random((V, G)) < 0.3).astype(np.float32),
+                        rng.integers(0, 30, V).astype(np.int32),
+                        rng.random(V).astype(np.float32), np.zeros((U, 1), np.int32),
+                        ItemTimeline.build(log_rows, log_times, V))
+
+
+def batch(t: RankerTables, rng, b=3, n=5) -> dict:
+    hist = rng.integers(0, V, (b, L)).astype(np.int32)
+    hist[0, :3] = 0  # left padding
+    q = t.item_vectors[rng.integers(1, V, b)]
+    return ranker_inputs(t, q, rng.integers(1, U, b), hist, np.full(b, 300 * DAY),
+                         np.full(b, 299 * DAY), rng.integers(1, V, (b, n)))
+
+
+@nnx.jit
+def score(m, x):
+    return m(x)  # one compiled call instead of op-by-op dispatch
+
+
+def model(**kw) -> Ranker:
+    cfg = ModelConfig(out_dim=D, ranker_embed_dim=4, ranker_hidden_dims=(8,), **kw)
+    return Ranker(cfg, Vocabularies(U, V, G, (2,)), L, nnx.Rngs(0))
+
+
+def test_timeline_counts_only_events_strictly_before_the_request_in_the_window():
+    t = ItemTimeline.build(np.array([3, 3, 3, 4]), np.array([10, 20, 30, 5]) * DAY, 6)
+    rows = np.array([[3, 4, 5]])
+    np.testing.assert_array_equal(t.counts_before(rows, np.array([30 * DAY]), 0), [[2, 1, 0]])
+    np.testing.assert_array_equal(t.counts_before(rows, np.array([30 * DAY]), 15 * DAY), [[1, 0, 0]])
+    np.testing.assert_array_equal(t.counts_before(rows, np.array([0]), 0), [[0, 0, 0]])
+    assert t.first_time_V[3] == 10 * DAY and t.last_time == 30 * DAY
+
+
+def test_candidate_features_follow_the_request_time():
+    rng = np.random.default_rng(0)
+    t = tables(rng, np.array([7, 7]), np.array([100, 200]) * DAY)
+    early = ranker_inputs(t, np.zeros((1, D)), [1], np.zeros((1, L)), [150 * DAY], [-1], [[7, 8]])
+    late = ranker_inputs(t, np.zeros((1, D)), [1], np.zeros((1, L)), [250 * DAY], [-1], [[7, 8]])
+    # Window counts and "known before" grow with time; an item never seen stays at zero.
+    assert late["item_stats"][0, 0, 1:].sum() > early["item_stats"][0, 0, 1:].sum()
+    assert early["item_stats"][0, 0, -1] == 1 and early["item_stats"][0, 1, -1] == 0
+    assert early["context"][0, 2] == 0  # last event time unknown
+    spec = input_spec(D, G, 1, L)
+    assert set(spec) == set(early)
+    for k, (dtype, shape) in spec.items():
+        assert early[k].dtype == dtype, k
+        assert early[k].ndim == len(shape.split(", ")), k
+
+
+@pytest.mark.parametrize("rank", [0, 3])
+def test_cross_layer_is_x0_times_affine_of_x_plus_x(rank):
+    layer = CrossLayer(6, rank, nnx.Rngs(1))
+    x0 = jax.random.normal(jax.random.key(0), (4, 6))
+    x = jax.random.normal(jax.random.key(1), (4, 6))
+    np.testing.assert_allclose(layer(x0, x), x, atol=1e-6)  # starts as the identity on x
+    layer.up.kernel[...] = jax.random.normal(jax.random.key(2), layer.up.kernel[...].shape)
+    layer.up.bias[...] = jax.random.normal(jax.random.key(3), layer.up.bias[...].shape)
+    if rank:
+        w = layer.down.kernel[...] @ layer.up.kernel[...]
+        b = layer.down.bias[...] @ layer.up.kernel[...] + layer.up.bias[...]
+    else:
+        w, b = layer.up.kernel[...], layer.up.bias[...]
+    np.testing.assert_allclose(layer(x0, x), x0 * (x @ w + b) + x, rtol=1e-5, atol=1e-5)
+    if rank:
+        assert layer.down.kernel[...].shape == (6, 3)
+
+
+@pytest.mark.parametrize("structure, ids", [("stacked", False), ("parallel", True)])
+def test_untrained_ranker_keeps_the_retrieval_order_and_scores_every_candidate(structure, ids):
+    rng = np.random.default_rng(1)
+    t = tables(rng)
+    x = batch(t, rng)
+    m = model(ranker_structure=structure, ranker_cross_rank=2, ranker_use_ids=ids)
+    scores = np.asarray(score(m, x))
+    assert scores.shape == (3, 5) and np.isfinite(scores).all()
+    dots = np.einsum("bd,bnd->bn", x["q"], x["c"])
+    np.testing.assert_array_equal(np.argsort(-scores, 1), np.argsort(-dots, 1))
+
+
+def test_history_attention_ignores_padding_and_the_correction_learns():
+    rng = np.random.default_rng(2)
+    t = tables(rng)
+    x = batch(t, rng)
+    m = model(ranker_use_ids=True)
+    m.out.kernel[...] = jnp.ones_like(m.out.kernel[...])  # make the correction visible
+    base = np.asarray(score(m, x))
+    changed = dict(x, h=x["h"].copy())
+    changed["h"][0, :3] = 5.0  # padded slots of row 0: must not matter
+    np.testing.assert_allclose(np.asarray(score(m, changed))[0], base[0], rtol=1e-5)
+    changed["h"][0, -1] = -x["h"][0, -1]  # a real slot: must matter
+    assert not np.allclose(np.asarray(score(m, changed))[0], base[0])
+
+
+def test_holdout_split_hides_the_latest_events_from_the_shadow_dataset():
+    cfg = DataConfig(num_users=40, num_items=60, interactions_per_user=12, history_len=5)
+    ds = dataset_lib.build(generate(cfg), cfg)
+    shadow, train_pos, val_pos = holdout_dataset(ds, 4)
+    n = np.diff(ds.offsets)[1:]
+    kept = np.diff(shadow.offsets)[1:]
+    np.testing.assert_array_equal(kept, n - np.clip(n - 3, 0, 4))
+    assert (kept >= 3).all()
+    # Validation events are the users' own validation events wherever anything was held out.
+    np.testing.assert_array_equal(val_pos, ds.eval_positions("val")[kept < n])
+    # The shadow trains on no ranker event: its users' sequences are prefixes ending before.
+    local = train_pos - ds.offsets[ds.seq_users[train_pos]]
+    assert (local >= kept[ds.seq_users[train_pos] - 1] - 1).all()
+    assert not set(train_pos) & set(ds.eval_positions("test")) and not set(train_pos) & set(val_pos)
+    u = 1
+    np.testing.assert_array_equal(shadow.seq_items[shadow.offsets[u]:shadow.offsets[u + 1]],
+                                  ds.seq_items[ds.offsets[u]:ds.offsets[u] + kept[u - 1]])
+
+
+def test_listwise_rows_put_the_target_first_and_never_repeat_it():
+    rng = np.random.default_rng(3)
+    cand = np.array([[5, 6, 7, 8], [9, 10, 11, 12]])
+    ev = Events(np.arange(2), np.zeros((2, D)), np.ones(2, int), np.zeros((2, L), int),
+                np.zeros(2, int), np.zeros(2, int), np.array([7, 1]), cand)
+    full = listwise_rows(ev, 0, 0, rng, 20)
+    np.testing.assert_array_equal(full, [[7, 5, 6, 8], [1, 9, 10, 11]])
+    sampled = listwise_rows(ev, 6, 2, rng, 20)
+    assert sampled.shape == (2, 7) and (sampled[:, 0] == [7, 1]).all()
+    assert not (sampled[:, 1:] == sampled[:, :1]).any() and (sampled > 0).all()
+    # Only events whose target retrieval returned train the ranker (item 1 was missed).
+    kept = retrieved_only(ev)
+    assert dataclasses.is_dataclass(kept) and kept.targets.tolist() == [7]
+
+
+def test_folds_keep_each_user_in_one_fold_and_use_every_fold():
+    from recsys.train.ranker import fold_of
+    users = np.array([5, 3, 5, 9, 3, 1, 7, 8, 2, 9])
+    ev = Events(np.arange(10), np.zeros((10, D)), users, np.zeros((10, L), int), np.zeros(10, int),
+                np.zeros(10, int), np.ones(10, int), np.ones((10, 3), int))
+    fold = fold_of(ev, 3, seed=0)
+    for u in np.unique(users):
+        assert len(set(fold[users == u])) == 1
+    assert set(fold) == {0, 1, 2}
+    np.testing.assert_array_equal(fold, fold_of(ev, 3, seed=0))
+
+
+@pytest.mark.parametrize("loss", ["softmax", "bce"])
+def test_both_losses_prefer_the_true_item_in_column_zero(loss):
+    from recsys.config import TrainConfig
+    from recsys.train.ranker import ranker_loss
+    cfg = TrainConfig(ranker_loss=loss)
+    right = ranker_loss(lambda b: jnp.array([[3.0, 0.0, -1.0]]), {}, cfg)
+    wrong = ranker_loss(lambda b: jnp.array([[-1.0, 0.0, 3.0]]), {}, cfg)
+    assert float(right) < float(wrong)

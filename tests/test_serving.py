@@ -1,0 +1,192 @@
+"""The four serving stages on the tiny pipeline's artifacts: rules, policies, no recompiles, threads."""
+
+import concurrent.futures
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from recsys.artifacts import ArtifactError
+from recsys.serve import Recommender, RequestError
+from recsys.serve.requests import FIELDS
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def rec(tiny_run):
+    return Recommender.load(tiny_run[0] / "artifacts")
+
+
+def seen_of(rec, user):
+    row = rec.a.users.lookup([user])[0]
+    rows = rec.a.history_items[rec.a.history_offsets[row]:rec.a.history_offsets[row + 1]]
+    return rec.a.items.raw(rows).tolist()
+
+
+def users(rec, n):
+    return [u.item() for u in rec.a.users.ids[:n]]
+
+
+def test_known_and_new_users_get_unseen_items_with_stage_timings(rec):
+    user = users(rec, 6)[5]
+    seen = seen_of(rec, user)
+    out = rec.recommend(user_id=str(user), k=10)
+    assert len(out.items) == 10 and not set(out.items) & set(seen)
+    assert out.scores == sorted(out.scores, reverse=True)
+    assert {"retrieval", "filtering", "scoring", "ordering", "total"} <= set(out.timings)
+    assert out.titles and len(out.titles) == 10 and not out.cold_start
+    # A new user from a history, with an unknown id reported, and an explicit exclusion.
+    new = rec.recommend(history=seen[:3] + ["no-such-item"], k=5, exclude=[out.items[0]])
+    assert new.unknown_ids == ["no-such-item"] and len(new.items) == 5
+    assert not set(new.items) & set(seen[:3]) and out.items[0] not in new.items
+    batch = rec.recommend_batch([{"user_id": user, "k": 10}, {"history": seen[:2], "k": 4}])
+    assert batch[0].items == out.items and len(batch[1].items) == 4
+
+
+def test_cold_start_serves_popular_items_through_the_same_rules(rec):
+    popular = rec.a.items.raw(rec._popular[:50]).tolist()
+    cold = rec.recommend(user_id="nobody", k=5, exclude=popular[:2])
+    assert cold.cold_start and cold.unknown_ids == ["nobody"] and len(cold.items) == 5
+    assert set(cold.items) <= set(popular) and not set(cold.items) & set(popular[:2])
+    only_unknown = rec.recommend(history=["x1", "x2"], k=3)
+    assert only_unknown.cold_start and only_unknown.unknown_ids == ["x1", "x2"]
+    assert len(only_unknown.items) == 3
+
+
+def test_filters_and_availability_never_serve_a_banned_item(rec, tiny_run):
+    genres = list(rec.genre_names)
+    col = {g: i for i, g in enumerate(genres)}
+    for user in users(rec, 8):
+        out = rec.recommend(user_id=user, k=10, filters={"genres_not": genres[:2]})
+        rows = rec.a.items.lookup(out.items)
+        assert out.items and not rec.a.item_genres[rows][:, [col[genres[0]], col[genres[1]]]].any()
+        out = rec.recommend(user_id=user, k=10, filters={"genres_any": [genres[3]]})
+        assert rec.a.item_genres[rec.a.items.lookup(out.items), col[genres[3]]].all()
+    mid = int(np.median(rec.a.item_year[rec.a.item_year > 0]))
+    year = 1900 + 5 * (mid - 1)  # the first year of a middle bucket
+    out = rec.recommend(user_id=users(rec, 1)[0], k=10, filters={"year_min": year})
+    assert (rec.a.item_year[rec.a.items.lookup(out.items)] >= mid).all()
+    # Unavailable items disappear for every request, and come back.
+    user = users(rec, 3)[2]
+    before = rec.recommend(user_id=user, k=10).items
+    assert rec.set_available(before[:5] + ["no-such-item"], False) == ["no-such-item"]
+    during = rec.recommend(user_id=user, k=10).items
+    assert not set(during) & set(before[:5]) and len(during) == 10
+    rec.set_available(before[:5], True)
+    assert rec.recommend(user_id=user, k=10).items == before
+    # Config-level rules apply to every request.
+    strict = Recommender.load(tiny_run[0] / "artifacts", warmup=False,
+                              filters=f'{{"genres_not": ["{genres[0]}"]}}')
+    rows = strict.a.items.lookup(strict.recommend(user_id=user, k=10).items)
+    assert not strict.a.item_genres[rows, col[genres[0]]].any()
+
+
+def test_mmr_caps_and_exploration(rec):
+    from recsys.eval.metrics import intra_list_diversity
+    us = users(rec, 40)
+
+    def lists(**opts):
+        return np.array([rec.a.items.lookup(rec.recommend(user_id=u, k=10, **opts).items)
+                         for u in us])
+
+    top = lists()
+    mmr = lists(ordering="mmr", mmr_lambda=0.2)
+    assert intra_list_diversity(mmr, rec.a.item_genres) > intra_list_diversity(top, rec.a.item_genres)
+    np.testing.assert_array_equal(lists(ordering="mmr", mmr_lambda=1.0), top)
+    for u in us:  # a cap may leave fewer than k items; never more than 2 of a genre
+        rows = rec.a.items.lookup(rec.recommend(user_id=u, k=10, genre_cap=2).items)
+        assert len(rows) and (rec.a.item_genres[rows].sum(0) <= 2).all()
+    a = lists(ordering="explore", temperature=5.0, seed=1)
+    np.testing.assert_array_equal(a, lists(ordering="explore", temperature=5.0, seed=1))
+    assert (a != lists(ordering="explore", temperature=5.0, seed=2)).any()
+    assert (a != top).any()
+
+
+def test_extra_sources_add_item_neighbours_and_popular_items(tiny_run):
+    art = tiny_run[0] / "artifacts"
+    rec = Recommender.load(art, warmup=False, num_candidates=4, recent_items=1,
+                           neighbours_per_item=4)
+    item = rec.a.items.raw([7])[0].item()
+    v = rec.a.item_vectors
+    near = np.argsort(-(v @ v[7]))
+    near = [r for r in near if r not in (0, 7)][:4]
+    out = rec.recommend(history=[item], k=4)
+    assert set(rec.a.items.lookup(out.items)) <= set(near)
+    pop = Recommender.load(art, warmup=False, num_candidates=3, popular_candidates=3)
+    out = pop.recommend(user_id=users(pop, 1)[0], k=3, exclude_seen=False)
+    assert set(pop.a.items.lookup(out.items)) == set(pop._popular[:3])
+
+
+def test_no_compilation_after_warmup_over_varied_requests(rec):
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    us = users(rec, 50)
+    rng = np.random.default_rng(0)
+    genres = list(rec.genre_names)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        for i in range(100):
+            req = {"user_id": us[i % 50], "k": int(rng.integers(1, 30))}
+            if i % 3 == 1:
+                req = {"history": seen_of(rec, us[i % 50])[: int(rng.integers(0, 30))], "k": 5}
+            if i % 4 == 2:
+                req["filters"] = {"genres_not": genres[: i % 3 + 1], "year_min": 1990}
+            if i % 5 == 3:
+                req["ordering"] = ["mmr", "explore"][i % 2]
+                req["exclude"] = seen_of(rec, us[0])[:3]
+            rec.recommend(**req)
+        for b in (2, 7, 20, 65, 300):
+            rec.recommend_batch([{"user_id": u, "k": 10} for u in (us * 6)[:b]])
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
+
+
+def test_many_threads_get_the_same_answers_as_one(rec):
+    reqs = [{"user_id": u, "k": 10, "exclude": [], "ordering": "mmr" if i % 2 else "topk"}
+            for i, u in enumerate(users(rec, 30))]
+    expected = [rec.recommend(**r).items for r in reqs]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        got = list(pool.map(lambda r: rec.recommend(**r).items, reqs * 3))
+    assert got == expected * 3
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"k": 0}, "k"), ({"k": "3"}, "k"), ({"k": 2.0}, "k"), ({"k": True}, "k"),
+    ({"user_id": 1.5}, "user_id"), ({"user_id": float("nan")}, "user_id"),
+    ({"user_id": np.float64("nan")}, "user_id"), ({"history": "12"}, "history"),
+    ({"history": [None]}, "history"), ({"exclude": 5}, "exclude"), ({"exclude": "5"}, "exclude"),
+    ({"filters": {"colour": "red"}}, "filters.colour"), ({"filters": ["x"]}, "filters"),
+    ({"filters": {"genres_not": ["no-such-genre"]}}, "filters.genres_not"),
+    ({"filters": {"year_min": "1990"}}, "filters.year_min"), ({"ordering": "best"}, "ordering"),
+    ({"mmr_lambda": 1.5}, "mmr_lambda"), ({"temperature": 0}, "temperature"),
+    ({"time": float("nan")}, "time"), ({"exclude_seen": "yes"}, "exclude_seen"),
+    ({"colour": 1}, "colour"),
+])
+def test_bad_requests_name_the_field_and_serving_continues(rec, kwargs, field):
+    with pytest.raises(RequestError) as err:
+        rec.recommend(**kwargs)
+    assert err.value.field == field and isinstance(err.value, ValueError)
+    assert len(rec.recommend(history=[], k=2).items) == 2
+    assert set(FIELDS) >= {"user_id", "history", "k", "exclude", "filters"}
+
+
+def test_partial_or_corrupt_artifacts_are_refused(tiny_run, tmp_path):
+    copy = tmp_path / "art"
+    shutil.copytree(tiny_run[0] / "artifacts", copy)
+    (copy / "ranker.jax").unlink()
+    with pytest.raises(ArtifactError, match="ranker.jax is missing"):
+        Recommender.load(copy)
+    (copy / "item_vectors.npy").write_bytes(b"garbage")
+    shutil.copy(tiny_run[0] / "artifacts" / "ranker.jax", copy / "ranker.jax")
+    with pytest.raises(ArtifactError, match="item_vectors.npy"):
+        Recommender.load(copy)
+    (copy / "manifest.json").unlink()
+    with pytest.raises(ArtifactError, match="manifest.json"):
+        Recommender.load(copy)
