@@ -40,9 +40,9 @@ PLAIN = ["model.history_pooling=mean", "model.use_features=false", "model.time_f
 ROWS = [
     ("plain two-tower (mean history, no logQ)", PLAIN, True),
     ("+ logQ correction", ["train.logq_correction=true"], True),
-    ("+ mixed negatives (uniform, own correction)", ["train.uniform_negatives=2048"], True),
-    ("+ in-batch hard negatives (top-k)", ["train.hard_negatives=256"], True),
-    ("+ index-mined hard negatives", ["train.mined_negatives=8"], True),
+    ("+ mixed negatives (uniform, own correction)", ["train.uniform_negatives=2048"], False),
+    ("+ in-batch hard negatives (top-k)", ["train.hard_negatives=256"], False),
+    ("+ index-mined hard negatives", ["train.mined_negatives=8"], False),
     ("+ order-aware history", ["model.history_pooling=recency"], True),
     ("+ features (genres, year)", ["model.use_features=true"], True),
 ]
