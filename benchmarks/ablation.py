@@ -40,11 +40,24 @@ PLAIN = ["model.history_pooling=mean", "model.use_features=false", "model.time_f
 ROWS = [
     ("plain two-tower (mean history, no logQ)", PLAIN, True),
     ("+ logQ correction", ["train.logq_correction=true"], True),
-    ("+ mixed negatives (uniform, own correction)", ["train.uniform_negatives=2048"], False),
-    ("+ in-batch hard negatives (top-k)", ["train.hard_negatives=256"], False),
-    ("+ index-mined hard negatives", ["train.mined_negatives=8"], False),
-    ("+ order-aware history", ["model.history_pooling=recency"], True),
-    ("+ features (genres, year)", ["model.use_features=true"], True),
+    ("+ mixed negatives (512 uniform, own correction)", ["train.uniform_negatives=512"], False),
+    ("+ in-batch hard negatives (top 128)", ["train.hard_negatives=128"], True),
+    ("+ index-mined hard negatives (8, ranks 10-100)", ["train.mined_negatives=8"], True),
+    ("+ order-aware history (recency weights)", ["model.history_pooling=recency"], True),
+    ("+ features (genres, year, time)", ["model.use_features=true", "model.time_features=true"],
+     True),
+]
+
+
+# (row name, overrides) applied to configs/movielens.py itself: what each piece is worth at the
+# end, where the cumulative rows above measure it at the point it was added.
+CHANGES = [
+    ("config without in-batch hard negatives", ["train.hard_negatives=0"]),
+    ("config without mined negatives", ["train.mined_negatives=0"]),
+    ("config with attention pooling (positions) instead of recency",
+     ["model.history_pooling=attention"]),
+    ("config without time features", ["model.time_features=false"]),
+    ("config plus 512 uniform negatives", ["train.uniform_negatives=512"]),
 ]
 
 
@@ -52,6 +65,11 @@ def row_overrides(index: int) -> list[str]:
     """Overrides of row `index`: those of every kept row above it, then its own."""
     kept = [o for _, overrides, keep in ROWS[:index] if keep for o in overrides]
     return kept + ROWS[index][1]
+
+
+def resolved(overrides: list[str]) -> str:
+    """The configuration a list of overrides amounts to (later ones win): the key of a run."""
+    return json.dumps(sorted(dict(o.split("=", 1) for o in overrides).items()))
 
 
 def command(data: str, overrides: list[str], seed: int) -> str:
@@ -91,10 +109,13 @@ def markdown(result: dict) -> str:
 
 
 def run(data: str, seeds: tuple[int, ...], previous: dict | None = None,
-        only: set[int] | None = None, lambdas=baselines.LAMBDAS, log=print) -> dict:
-    """Every row for every seed (skipping runs found in `previous`); returns the JSON result."""
-    done = {(r["name"], s): m for r in (previous or {}).get("rows", [])
-            for s, m in r.get("per_seed", {}).items()}
+        only: set[int] | None = None, lambdas=baselines.LAMBDAS, log=print, save=None) -> dict:
+    """Every row for every seed (skipping runs found in `previous`); returns the JSON result.
+
+    save: called with the result so far after every finished row (None: only returned).
+    """
+    done = {(resolved(r["overrides"]), s): m for r in (previous or {}).get("rows", [])
+            if "overrides" in r for s, m in r.get("per_seed", {}).items()}
     rows = []
     if previous and "baselines" in previous:
         base = previous["baselines"]
@@ -107,12 +128,14 @@ def run(data: str, seeds: tuple[int, ...], previous: dict | None = None,
     rows.append({"name": f"EASE (lambda {base['ease']['lambda']:g}, tuned on validation)",
                  "runs": 1, "command": ease_cmd,
                  "summary": {k: {"mean": base["ease"]["test"][k], "std": 0.0} for k in METRICS}})
-    for i, (name, _, keep) in enumerate(ROWS):
-        name = name if keep else f"{name} (not kept)"
-        overrides = row_overrides(i)
+    final = max(i for i, (_, _, keep) in enumerate(ROWS) if keep)
+    specs = [(name if keep else f"{name} (not kept)", row_overrides(i))
+             for i, (name, _, keep) in enumerate(ROWS)]
+    specs += [(name, row_overrides(final) + overrides) for name, overrides in CHANGES]
+    for i, (name, overrides) in enumerate(specs):
         per_seed = {}
         for s in seeds:
-            key = (name, str(s))
+            key = (resolved(overrides), str(s))
             if key in done:
                 per_seed[str(s)] = done[key]
             elif only is None or i in only:
@@ -124,6 +147,8 @@ def run(data: str, seeds: tuple[int, ...], previous: dict | None = None,
         rows.append({"name": name, "overrides": overrides, "command": command(data, overrides, 0),
                      "per_seed": per_seed, "runs": len(per_seed),
                      "summary": summarise(list(per_seed.values()))})
+        if save is not None:
+            save({"data": data, "seeds": list(seeds), "baselines": base, "rows": rows})
     return {"data": data, "seeds": list(seeds), "baselines": base, "rows": rows}
 
 
@@ -131,21 +156,26 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True)
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--rows", help="comma-separated row numbers to run (0 = plain; default all)")
+    p.add_argument("--rows", help="comma-separated row numbers to run (0 = plain, then ROWS and "
+                   "CHANGES in order; default all)")
     p.add_argument("--lambdas", default=",".join(str(x) for x in baselines.LAMBDAS))
     p.add_argument("--json", help="result file; runs already in it are not repeated")
     p.add_argument("--markdown", help="also write the table here")
     args = p.parse_args(argv)
     path = pathlib.Path(args.json) if args.json else None
     previous = json.loads(path.read_text()) if path and path.is_file() else None
+
+    def save(result: dict) -> None:
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(result, indent=2))
+
     result = run(args.data, tuple(int(s) for s in args.seeds.split(",")), previous,
                  {int(r) for r in args.rows.split(",")} if args.rows else None,
-                 tuple(float(x) for x in args.lambdas.split(",")))
+                 tuple(float(x) for x in args.lambdas.split(",")), save=save)
+    save(result)
     table = markdown(result)
     print("\n" + table)
-    if path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2))
     if args.markdown:
         pathlib.Path(args.markdown).write_text(table + "\n")
 

@@ -42,10 +42,13 @@ def run(cfg: Config, workdir: pathlib.Path, *, export: bool = True) -> dict:
          f"mesh {dict(mesh.shape)}")
     _log(plan.format_plan(plan.for_dataset(cfg, ds, mesh)))
 
+    lap = _Laps()
     retrieval = train_retrieval(cfg, ds, workdir, mesh)
+    lap("train_retrieval")
     metrics = {"dataset": ds.name, "num_items": ds.num_items, "num_users": ds.num_users,
                **retrieval.metrics}
     ev = protocol.evaluate_retrieval(retrieval.model(), ds, "test", cfg.eval)
+    lap("evaluate_retrieval")
     metrics.update({f"retrieval/{k}": v for k, v in ev.metrics.items()})
     r = cfg.serve.num_candidates
     metrics[f"retrieval/recall@{r}"] = float(np.mean(ev.ranks < r))
@@ -54,6 +57,7 @@ def run(cfg: Config, workdir: pathlib.Path, *, export: bool = True) -> dict:
     if cfg.train.ranker_steps > 0:
         ranker, ranker_inputs = train_ranker(cfg, ds, retrieval, workdir, mesh)
         metrics.update(ranker.metrics)
+        lap("train_ranker")
 
     if export:
         two_tower = local_model(retrieval.model())  # every process gathers; process 0 writes
@@ -63,8 +67,11 @@ def run(cfg: Config, workdir: pathlib.Path, *, export: bool = True) -> dict:
             workdir / "artifacts", cfg=cfg, ds=ds, two_tower=two_tower,
             item_vectors=ev.item_vectors, ranker=ranker_model,
             ranker_inputs=ranker_inputs, manifest={"metrics": dict(metrics)})
+        lap("export")
         metrics["index/recall@10"] = index_recall(searcher, ev.item_vectors, ev.query_vectors)
         metrics.update(evaluate_pipeline(out, ds, ev.positions, cfg))
+        lap("evaluate_pipeline")
+    metrics.update({f"seconds/{stage}": s for stage, s in lap.seconds.items()})
     metrics["wall_seconds"] = time.time() - t0
     write_metrics(workdir, metrics)
     return metrics
@@ -144,6 +151,19 @@ def write_metrics(workdir: pathlib.Path, metrics: dict) -> None:
     tmp.write_text(json.dumps({**old, **metrics}, indent=2, sort_keys=True,
                               default=lambda x: x.item() if hasattr(x, "item") else str(x)))
     tmp.replace(path)
+
+
+class _Laps:
+    """Wall seconds of consecutive stages: each call closes the stage that ran since the last."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._t = time.time()
+
+    def __call__(self, stage: str) -> None:
+        now = time.time()
+        self.seconds[stage] = now - self._t
+        self._t = now
 
 
 def _log(message: str) -> None:

@@ -31,7 +31,7 @@ def test_split_is_leave_last_out_by_time_with_ties_in_file_order():
     # user 7: events at t=5,1,3,3 (the two t=3 events keep file order: item 12 before 13).
     raw = _raw([7, 7, 7, 7, 8, 8, 8], [10, 11, 12, 13, 10, 11, 12], [5, 1, 3, 3, 9, 8, 7])
     ds = dataset.build(raw, DataConfig(history_len=3))
-    u7, u8 = ds.users.lookup([7, 8])
+    u7 = ds.users.lookup([7])[0]
     seq7 = ds.items.raw(ds.seq_items[ds.offsets[u7]:ds.offsets[u7 + 1]])
     np.testing.assert_array_equal(seq7, [11, 12, 13, 10])
     test, val = ds.eval_positions("test"), ds.eval_positions("val")

@@ -59,8 +59,11 @@ def test_sample_band_matches_brute_force_filters():
 def test_sample_band_is_seeded_and_uniform_within_the_band():
     rows = np.tile(np.arange(1, 11), (2000, 1))
     scores = np.tile(np.linspace(1, 0, 10, dtype=np.float32), (2000, 1))
-    args = dict(ranks=(2, 8), num=2, margin=0.0)
-    never = lambda r: np.zeros(r.shape, bool)  # noqa: E731
+    args = {"ranks": (2, 8), "num": 2, "margin": 0.0}
+
+    def never(rows):
+        return np.zeros(rows.shape, bool)
+
     a, _ = mining.sample_band(scores, rows, np.full(2000, 5.0), never, rng=np.random.default_rng(3),
                               **args)
     b, _ = mining.sample_band(scores, rows, np.full(2000, 5.0), never, rng=np.random.default_rng(3),

@@ -54,6 +54,35 @@ def test_resumed_training_matches_an_uninterrupted_run(tmp_path):
 
 
 @pytest.mark.e2e
+def test_resumed_retrieval_retrains_the_ranker_made_for_the_old_model(tmp_path):
+    pipeline.train(tiny_config(num_steps=20), tmp_path / "resumed")
+    resumed = pipeline.train(tiny_config(num_steps=40), tmp_path / "resumed")
+    straight = pipeline.train(tiny_config(num_steps=40), tmp_path / "straight")
+    assert resumed["train/steps"] == 40
+    # The ranker saved after 20 steps read the old model's features: it is trained again.
+    np.testing.assert_allclose(resumed["ranker/final_loss"], straight["ranker/final_loss"],
+                               rtol=1e-5)
+    again = pipeline.train(tiny_config(num_steps=40), tmp_path / "resumed")  # nothing to do
+    assert again["ranker/final_loss"] == resumed["ranker/final_loss"]
+
+
+@pytest.mark.e2e
+def test_an_early_stopped_run_is_finished_when_run_again(tmp_path):
+    cfg = tiny_config(num_steps=400, eval_every=5, early_stopping_patience=1, ranker_steps=0)
+    first = pipeline.train(cfg, tmp_path)
+    assert first["train/steps"] < 400, "the run should have stopped early"
+    again = pipeline.train(cfg, tmp_path)
+    # Nothing trained past the best state: same step count, same validated model and score.
+    assert again["train/steps"] == first["train/steps"]
+    assert again["train/best_val_hr@10"] == first["train/best_val_hr@10"]
+    assert again["train/best_step"] == first["train/best_step"]
+    pipeline.evaluate(cfg, tmp_path)  # `recsys eval` reads the same model: trains nothing
+    saved = [int(d.name) for d in (tmp_path / "checkpoints" / "retrieval").iterdir()
+             if d.name.isdigit()]
+    assert max(saved) == first["train/steps"]
+
+
+@pytest.mark.e2e
 def test_checkpoint_of_another_model_shape_is_refused(tmp_path):
     from recsys.train.checkpoint import CheckpointError
     pipeline.train(tiny_config(num_steps=2, ranker_steps=0), tmp_path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import itertools
 
 import jax.numpy as jnp
 from flax import nnx
@@ -86,7 +87,7 @@ class MLP(nnx.Module):
     def __init__(self, in_dim: int, hidden: tuple[int, ...], out_dim: int, dropout: float,
                  rngs: nnx.Rngs):
         dims = (in_dim, *hidden)
-        self.hidden = nnx.List([dense(a, b, rngs) for a, b in zip(dims[:-1], dims[1:])])
+        self.hidden = nnx.List([dense(a, b, rngs) for a, b in itertools.pairwise(dims)])
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
         self.out = dense(dims[-1], out_dim, rngs)
 

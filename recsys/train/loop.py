@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import pathlib
 import time
@@ -65,11 +66,18 @@ def train_retrieval(cfg: Config, ds: Dataset, workdir: pathlib.Path,
     expected = checkpoint.as_json({
         **{f"vocab.{k}": v for k, v in dataclasses.asdict(vocab).items()},
         **{f"model.{k}": getattr(cfg.model, k) for k in SHAPE_FIELDS}})
-    restored = checkpoint.restore_or_none(mngr, state_lib.abstract_state(state, shardings), expected)
-    start, loss = 0, float("nan")
+    try:
+        restored = checkpoint.restore_or_none(mngr, state_lib.abstract_state(state, shardings),
+                                              expected)
+    except BaseException:
+        mngr.close()  # a refused checkpoint must not leave orbax's threads running
+        raise
+    start, loss, meta = 0, float("nan"), {}
     if restored is not None:
         state, meta = restored
         start, loss = meta["step"], meta["loss"]
+    # A run that stopped early is finished: resuming it must not train past its best state.
+    stopped = bool(meta.get("early_stopped", False))
 
     train_step = steps.make_train_step(graphdef, steps.retrieval_loss, tc, shardings, mesh)
     pidx = jax.process_index()
@@ -100,8 +108,8 @@ def train_retrieval(cfg: Config, ds: Dataset, workdir: pathlib.Path,
     timed_examples, timed_seconds, step = 0, 0.0, start
     bar = tqdm(total=tc.num_steps, initial=start, desc="retrieval", dynamic_ncols=True,
                disable=True if pidx != 0 else None)
-    with jax.set_mesh(mesh):
-        while step < tc.num_steps:
+    with jax.set_mesh(mesh), contextlib.closing(mngr):
+        while step < tc.num_steps and not stopped:
             if miner is not None and miner.due(step):
                 miner.refresh(steps.model_of(graphdef, state), step)
             batch = batch_at(step)
@@ -117,20 +125,23 @@ def train_retrieval(cfg: Config, ds: Dataset, workdir: pathlib.Path,
                 loss = float(loss_arr)
                 bar.set_postfix(loss=f"{loss:.4f}",
                                 ex_s=f"{timed_examples / max(timed_seconds, 1e-9):.0f}")
-            if tc.eval_every and (step % tc.eval_every == 0 or step == tc.num_steps):
-                if _evaluate_and_keep_best(cfg, ds, graphdef, state, step, best):
-                    bar.write(f"early stopping at step {step}: best validation hr@10 "
-                              f"{best['hr@10']:.4f} at step {best['step']}")
-                    break
+            if (tc.eval_every and (step % tc.eval_every == 0 or step == tc.num_steps)
+                    and _evaluate_and_keep_best(cfg, ds, graphdef, state, step, best)):
+                bar.write(f"early stopping at step {step}: best validation hr@10 "
+                          f"{best['hr@10']:.4f} at step {best['step']}")
+                stopped = True
+                break
             if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < tc.num_steps:
                 checkpoint.save(mngr, step, state, {**expected, "step": step, "loss": float(loss_arr)})
         if step > start:
             loss = float(loss_arr)
+            validated = {}
             if best["state"] is not None:  # keep the best validated state
                 state = best["state"]
-            checkpoint.save(mngr, step, state, {**expected, "step": step, "loss": loss})
+                validated = {"best_val_hr@10": best["hr@10"], "best_step": best["step"]}
+            checkpoint.save(mngr, step, state, {**expected, "step": step, "loss": loss,
+                                                "early_stopped": stopped, **validated})
         checkpoint.wait(mngr)
-        mngr.close()
     bar.close()
     metrics = {"train/steps": step, "train/final_loss": loss,
                "train/examples_per_sec": timed_examples / timed_seconds if timed_seconds else 0.0,
@@ -138,6 +149,9 @@ def train_retrieval(cfg: Config, ds: Dataset, workdir: pathlib.Path,
     if best["state"] is not None:
         metrics["train/best_val_hr@10"] = best["hr@10"]
         metrics["train/best_step"] = best["step"]
+    elif step == start and "best_step" in meta:  # nothing left to train: as the run reported
+        metrics["train/best_val_hr@10"] = meta["best_val_hr@10"]
+        metrics["train/best_step"] = meta["best_step"]
     return Trained(graphdef, state, metrics)
 
 

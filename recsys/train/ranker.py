@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import pathlib
 
@@ -38,6 +39,7 @@ SHAPE_FIELDS = ("out_dim", "ranker_hidden_dims", "ranker_embed_dim", "ranker_cro
                 "ranker_cross_rank", "ranker_structure", "ranker_use_ids", "ranker_use_vectors")
 EVAL_BLOCK = 64  # validation events scored per jitted call (one compiled shape)
 STATS_EVENTS = 1024  # training events whose candidates give the input standardisation
+CV_EVAL_EVENTS = 4096  # held-out events scored per K-fold evaluation (a seeded subset beyond)
 
 
 def ranker_loss(model, batch: dict, cfg):
@@ -80,7 +82,11 @@ def train_ranker(cfg: Config, ds: Dataset, retrieval: Trained, workdir: pathlib.
     tables = make_tables(ds, items_VxD, logpop_V, timeline)
     events = make_events(feature_model.model(), ds, positions, items_VxD,
                          cfg.serve.num_candidates)
-    trained = fit_ranker(cfg, ds, tables, events, workdir, mesh)
+    # The ranker learns the features of these two models: when a resumed run changed either, the
+    # ranker saved for the old ones is stale and is trained again.
+    made_for = {"retrieval/steps": retrieval.metrics["train/steps"],
+                "feature_model/steps": feature_model.metrics["train/steps"]}
+    trained = fit_ranker(cfg, ds, tables, events, workdir, mesh, made_for)
     return trained, make_tables(ds, served_items, logpop_V, timeline)
 
 
@@ -111,7 +117,7 @@ def ranker_events(cfg: Config, ds: Dataset, retrieval: Trained, workdir: pathlib
 
 
 def fit_ranker(cfg: Config, ds: Dataset, tables: RankerTables, events: Events,
-               workdir: pathlib.Path, mesh) -> Trained:
+               workdir: pathlib.Path, mesh, made_for: dict | None = None) -> Trained:
     """Trains (or restores from workdir) a ranker on listwise batches of `events`.
 
     The number of steps is chosen by K-fold cross-validation over users (train.ranker_folds):
@@ -131,22 +137,27 @@ def fit_ranker(cfg: Config, ds: Dataset, tables: RankerTables, events: Events,
         **{f"model.{k}": getattr(cfg.model, k) for k in SHAPE_FIELDS},
         "data.history_len": ds.history_len,
         **{f"vocab.{k}": v for k, v in dataclasses.asdict(vocabularies(ds)).items()}})
-    restored = checkpoint.restore_or_none(mngr, state_lib.abstract_state(state, shardings), expected)
-    if restored:
-        state, meta = restored
-        out = {k: v for k, v in meta.items() if k.startswith("ranker/")}
-    else:
-        train_step = steps.make_train_step(graphdef, ranker_loss, tc, shardings, mesh)
-        fold_E = fold_of(events, tc.ranker_folds, tc.seed)
-        out = _cross_validate(cfg, ds, graphdef, state, train_step, tables, events, fold_E, mesh)
-        retrieved = retrieved_only(events)
-        state, loss = _train(cfg, ds, train_step, _copy(state), tables, retrieved,
-                             out["ranker/steps"], mesh, fold=-1)
-        out.update({"ranker/final_loss": loss, "ranker/train_events": len(retrieved.positions)})
-        with jax.set_mesh(mesh):
-            checkpoint.save(mngr, out["ranker/steps"], state, {**expected, **out})
-    checkpoint.wait(mngr)
-    mngr.close()
+    with contextlib.closing(mngr):  # closed on errors too: no orbax threads left behind
+        restored = checkpoint.restore_or_none(mngr, state_lib.abstract_state(state, shardings), expected)
+        if restored and any(restored[1].get(k) != v for k, v in (made_for or {}).items()):
+            restored = None  # made for other retrieval models: retrain (the old one is replaced)
+            for step in mngr.all_steps():
+                mngr.delete(step)
+        if restored:
+            state, meta = restored
+            out = {k: v for k, v in meta.items() if k.startswith("ranker/")}
+        else:
+            train_step = steps.make_train_step(graphdef, ranker_loss, tc, shardings, mesh)
+            fold_E = fold_of(events, tc.ranker_folds, tc.seed)
+            out = _cross_validate(cfg, ds, graphdef, state, train_step, tables, events, fold_E, mesh)
+            retrieved = retrieved_only(events)
+            state, loss = _train(cfg, ds, train_step, _copy(state), tables, retrieved,
+                                 out["ranker/steps"], mesh, fold=-1)
+            out.update({"ranker/final_loss": loss, "ranker/train_events": len(retrieved.positions)})
+            with jax.set_mesh(mesh):
+                checkpoint.save(mngr, out["ranker/steps"], state,
+                                {**expected, **out, **(made_for or {})})
+        checkpoint.wait(mngr)
     return Trained(graphdef, state, out)
 
 
@@ -188,7 +199,9 @@ def _cross_validate(cfg: Config, ds: Dataset, graphdef, state0, train_step, tabl
     k = tc.ranker_folds
     every = tc.ranker_eval_every or tc.ranker_steps
     pools = [retrieved_only(events.take(np.flatnonzero(fold_E != f))) for f in range(k)]
-    held = [events.take(np.flatnonzero(fold_E == f)) for f in range(k)]
+    rng = np.random.default_rng([tc.seed, 11])
+    held = [events.take(np.sort(rng.permutation(np.flatnonzero(fold_E == f))[:CV_EVAL_EVENTS // k]))
+            for f in range(k)]
     states = [_copy(state0) for _ in range(k)]
     # Step 0 is the retrieval order itself (the correction starts at zero).
     curve = {0: _mean_val(graphdef, states, tables, held)}
@@ -244,12 +257,3 @@ def score_events(ranker, tables: RankerTables, ev: Events, block: int = EVAL_BLO
         out.append(scores[:min(block, len(ev.positions) - lo)])
     scores = np.concatenate(out)
     return np.where(ev.candidates > 0, scores, -np.inf)
-
-
-def validate(ranker, tables: RankerTables, ev: Events, prefix: str) -> dict:
-    """HR@10 / NDCG@10 of the ranker's order of each event's top-R, and of the retrieval order."""
-    scores_MxR = score_events(ranker, tables, ev)
-    reranked = np.take_along_axis(ev.candidates, np.argsort(-scores_MxR, axis=1, kind="stable"), 1)
-    return {f"{prefix}ndcg@10": metrics.ndcg_at_k(reranked, ev.targets, 10),
-            f"{prefix}hr@10": metrics.hit_rate_at_k(reranked, ev.targets, 10),
-            f"{prefix}retrieval_ndcg@10": metrics.ndcg_at_k(ev.candidates, ev.targets, 10)}
