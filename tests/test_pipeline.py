@@ -18,7 +18,9 @@ CONTRACT_KEYS = ["retrieval/hr@10", "retrieval/hr@100", "retrieval/ndcg@10", "in
 STAGE_KEYS = ["retrieval/recall@50", "ranker/val_ndcg@10", "ranker/val_retrieval_ndcg@10",
               "ordering/intra_list_diversity", "ordering/catalog_coverage",
               *[f"ordering/{p}/{m}" for p in ("mmr", "explore")
-                for m in ("ndcg@10", "hr@10", "intra_list_diversity", "catalog_coverage")]]
+                for m in ("ndcg@10", "hr@10", "intra_list_diversity", "catalog_coverage")],
+              *[f"seconds/{stage}" for stage in ("train_retrieval", "evaluate_retrieval",
+                                                 "train_ranker", "export", "evaluate_pipeline")]]
 
 
 def tiny_config(**train):
