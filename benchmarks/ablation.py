@@ -1,14 +1,16 @@
 """Retrieval ablation on MovieLens: baselines, the plain two-tower, then one addition per row.
 
     python -m benchmarks.ablation --data ../shared/data/ml-latest-small --seeds 0,1,2 \
-        --json docs/ablation.json --markdown docs/ablation.md
+        --json docs/ablation.json --markdown ablation.md
 
 Each two-tower row is configs/movielens.py plus the row's overrides (cumulative: a row adds
-its change to the row above) with train.ranker_steps=0, trained as the config says and ranked
+its change to the kept rows above; then the CHANGES rows each change one thing of the final
+config) with train.ranker_steps=0, trained as the config says and ranked
 on the test split by the protocol's code; its `command` reproduces one seed with the CLI
 (`recsys pipeline` prints the same retrieval/* metrics). Popularity and EASE (lambda tuned on
 validation) come from benchmarks.baselines on the same split. With --json, finished runs are
-kept and skipped on the next call, so the table can be filled in several sittings.
+kept and skipped on the next call (a run is known by the configuration its overrides amount
+to and its seed), so the table can be filled in several sittings.
 """
 
 from __future__ import annotations

@@ -79,3 +79,13 @@ def test_ablation_rows_that_were_kept_add_up_to_the_config():
     plain = config_lib.apply_overrides(base, ["data.path=x", *ablation.row_overrides(0)])
     assert plain.model.history_pooling == "mean" and not plain.train.logq_correction
     assert plain.train.uniform_negatives == plain.train.mined_negatives == 0
+
+
+def test_ablation_reuses_a_run_only_for_the_same_configuration():
+    # A finished run is found again when the overrides amount to the same config (later ones
+    # win), and never for a different one.
+    same = ablation.resolved(["model.history_pooling=mean", "model.history_pooling=recency",
+                              "train.hard_negatives=128"])
+    assert same == ablation.resolved(["train.hard_negatives=128", "model.history_pooling=recency"])
+    assert same != ablation.resolved(["train.hard_negatives=128",
+                                      "model.history_pooling=attention"])
