@@ -5,7 +5,8 @@ Layout of DIR/artifacts (written as DIR/artifacts.tmp-*, renamed when complete):
   item_ids.npy           [V-1] raw item ids of rows 1..V-1 (row 0 is padding)
   user_ids.npy           [U-1] raw user ids of rows 1..U-1
   item_vectors.npy       [V, D] candidate-tower vectors
-  item_features.npz      genres [V, G], year [V], logpop [V], titles [V] (when known)
+  item_features.npz      genres [V, G], year [V] (bucket), release_year [V], logpop [V],
+                         titles [V] (when known)
   users.npz              features [U, F], history offsets [U+1] and items (each user's events
                          in time order, without the held-out test event)
   query_tower.jax        jax.export of (params, user, history, user_feats) -> q [b, D]
@@ -170,6 +171,8 @@ def _index_params(searcher) -> dict:
 
 def _item_features(ds: Dataset, ranker_inputs) -> dict:
     out = {"genres": ds.features.item_genres, "year": ds.features.item_year}
+    if ds.features.item_release_year is not None:
+        out["release_year"] = ds.features.item_release_year
     if ranker_inputs is not None:
         out["logpop"] = ranker_inputs.item_logpop
     else:

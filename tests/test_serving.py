@@ -68,6 +68,14 @@ def test_filters_and_availability_never_serve_a_banned_item(rec, tiny_run):
     year = 1900 + 5 * (mid - 1)  # the first year of a middle bucket
     out = rec.recommend(user_id=users(rec, 1)[0], k=10, filters={"year_min": year})
     assert (rec.a.item_year[rec.a.items.lookup(out.items)] >= mid).all()
+    # Year bounds compare release years exactly, not their 5-year buckets.
+    release = rec.a.item_release_year
+    single = int(np.median(release[release > 0]))
+    assert len(set(release[(release > 0) & (rec.a.item_year == rec.a.item_year[
+        np.flatnonzero(release == single)[0]])])) > 1, "the bucket should hold other years"
+    for user in users(rec, 4):
+        out = rec.recommend(user_id=user, k=5, filters={"year_min": single, "year_max": single})
+        assert out.items and (release[rec.a.items.lookup(out.items)] == single).all()
     # Unavailable items disappear for every request, and come back.
     user = users(rec, 3)[2]
     before = rec.recommend(user_id=user, k=10).items
@@ -190,3 +198,19 @@ def test_partial_or_corrupt_artifacts_are_refused(tiny_run, tmp_path):
     (copy / "manifest.json").unlink()
     with pytest.raises(ArtifactError, match="manifest.json"):
         Recommender.load(copy)
+
+
+def test_artifacts_without_release_years_filter_by_year_bucket(rec):
+    # Artifacts written before release years were exported keep working, at bucket resolution.
+    from recsys.serve import filtering
+    user = users(rec, 1)[0]
+    req = rec._parse({"user_id": user, "filters": {"year_min": 1991, "year_max": 1993}})
+    cand = np.arange(1, len(rec.a.item_vectors))[None, :]
+    args = (cand, rec.availability.mask, rec.a.item_genres, rec.a.item_year, rec.genre_names)
+    by_bucket = filtering.allowed([req], *args)[0]
+    exact = filtering.allowed([req], *args, rec.a.item_release_year)[0]
+    bucket = filtering.year_to_bucket(1991)
+    assert (rec.a.item_year[cand[0][by_bucket]] == bucket).all()
+    assert ((rec.a.item_release_year[cand[0][exact]] >= 1991)
+            & (rec.a.item_release_year[cand[0][exact]] <= 1993)).all()
+    assert exact.sum() < by_bucket.sum()

@@ -20,12 +20,14 @@ class FeatureTables:
       item_year: [V] int32 year bucket (0 unknown).
       user_features: [U, F] int32 category codes (0 unknown).
       user_cardinalities: F vocabulary sizes of the user features.
+      item_release_year: [V] int32 release year itself (0 unknown): serving's exact year filters.
     """
 
     item_genres: np.ndarray
     item_year: np.ndarray
     user_features: np.ndarray
     user_cardinalities: tuple[int, ...]
+    item_release_year: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,13 +157,15 @@ def _feature_tables(raw: RawData, items: Vocab, users: Vocab) -> FeatureTables:
     genres[rows] = raw.items.genres
     year = np.zeros(items.size, np.int32)
     year[rows] = year_bucket(raw.items.year)
+    release_year = np.zeros(items.size, np.int32)
+    release_year[rows] = np.maximum(np.asarray(raw.items.year, np.int64), 0)
     if raw.users is None:
-        return FeatureTables(genres, year, np.zeros((users.size, 0), np.int32), ())
+        return FeatureTables(genres, year, np.zeros((users.size, 0), np.int32), (), release_year)
     user_feats = np.zeros((users.size, raw.users.features.shape[1]), np.int32)
     urows = users.lookup(raw.users.ids)
     known = urows > 0
     user_feats[urows[known]] = raw.users.features[known]
-    return FeatureTables(genres, year, user_feats, tuple(raw.users.cardinalities))
+    return FeatureTables(genres, year, user_feats, tuple(raw.users.cardinalities), release_year)
 
 
 def _titles(raw: RawData, items: Vocab) -> np.ndarray | None:

@@ -24,6 +24,7 @@ class Loaded:
     item_year: np.ndarray  # [V]
     item_logpop: np.ndarray  # [V]
     item_titles: np.ndarray | None  # [V] str
+    item_release_year: np.ndarray | None  # [V] release year, 0 unknown (None: older artifacts)
     user_features: np.ndarray  # [U, F]
     history_offsets: np.ndarray  # [U + 1]
     history_items: np.ndarray  # [E]
@@ -54,6 +55,8 @@ def load(directory: str | pathlib.Path, check: bool = True) -> Loaded:
             item_vectors=np.load(directory / "item_vectors.npy"),
             item_genres=feats["genres"], item_year=feats["year"], item_logpop=feats["logpop"],
             item_titles=feats["titles"] if "titles" in feats.files else None,
+            item_release_year=(feats["release_year"] if "release_year" in feats.files
+                               else None),
             user_features=users["features"], history_offsets=users["history_offsets"],
             history_items=users["history_items"], history_times=users["history_times"],
             query_fn=query_fn, query_input_names=query_names,

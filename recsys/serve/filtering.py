@@ -41,12 +41,18 @@ def year_to_bucket(year: int) -> int:
 
 
 def allowed(reqs: list[Request], cand_BxM: np.ndarray, available_V: np.ndarray,
-            item_genres: np.ndarray, item_year: np.ndarray, genre_names: tuple[str, ...]):
+            item_genres: np.ndarray, item_year: np.ndarray, genre_names: tuple[str, ...],
+            item_release_year: np.ndarray | None = None):
     """[B, M] bool: the candidate is a real, available item that no rule of its request bans.
 
-    Year bounds have the 5-year resolution of the stored year buckets: a bound inside a bucket
-    keeps that whole bucket; items of unknown year fail any year bound.
+    Year bounds are inclusive and compare release years (`item_release_year`). Artifacts
+    written before release years were stored only have the 5-year buckets (`item_year`): there
+    a bound inside a bucket keeps that whole bucket. Items of unknown year fail any year bound.
     """
+    exact = item_release_year is not None
+    to_unit = int if exact else year_to_bucket
+    year_V = item_release_year if exact else item_year
+    no_bound = np.iinfo(np.int64).max
     b, _ = cand_BxM.shape
     rows_BxM = np.maximum(cand_BxM, 0)
     ok = (cand_BxM > 0) & available_V[rows_BxM]
@@ -62,21 +68,21 @@ def allowed(reqs: list[Request], cand_BxM: np.ndarray, available_V: np.ndarray,
     col = {name: i for i, name in enumerate(genre_names)}
     g = item_genres.shape[1]
     not_BxG, any_BxG = np.zeros((b, g), np.float32), np.zeros((b, g), np.float32)
-    lo_B, hi_B = np.zeros(b, np.int64), np.full(b, NUM_YEAR_BUCKETS, np.int64)
+    lo_B, hi_B = np.zeros(b, np.int64), np.full(b, no_bound, np.int64)
     for i, r in enumerate(reqs):
         f = r.filters
         not_BxG[i, [col[x] for x in f.get("genres_not", ())]] = 1.0
         any_BxG[i, [col[x] for x in f.get("genres_any", ())]] = 1.0
         if "year_min" in f:
-            lo_B[i] = year_to_bucket(f["year_min"])
+            lo_B[i] = max(to_unit(f["year_min"]), 1)
         if "year_max" in f:
-            hi_B[i] = year_to_bucket(f["year_max"])
+            hi_B[i] = to_unit(f["year_max"])
     genres_BxMxG = item_genres[rows_BxM]
     ok &= np.einsum("bmg,bg->bm", genres_BxMxG, not_BxG) == 0
     wants_any_B = any_BxG.sum(1) > 0
     ok &= ~wants_any_B[:, None] | (np.einsum("bmg,bg->bm", genres_BxMxG, any_BxG) > 0)
-    year_BxM = item_year[rows_BxM]
-    has_bound_B = (lo_B > 0) | (hi_B < NUM_YEAR_BUCKETS)
+    year_BxM = year_V[rows_BxM]
+    has_bound_B = (lo_B > 0) | (hi_B < no_bound)
     ok &= ~has_bound_B[:, None] | ((year_BxM >= lo_B[:, None]) & (year_BxM <= hi_B[:, None])
                                    & (year_BxM > 0))
     return ok

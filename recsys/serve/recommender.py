@@ -237,7 +237,7 @@ class Recommender:
 
         def allowed_first(sub, cand):
             ok = filtering.allowed(sub, cand, self.availability.mask, self.a.item_genres,
-                                   self.a.item_year, self.genre_names)
+                                   self.a.item_year, self.genre_names, self.a.item_release_year)
             return filtering.first_allowed(cand, ok, n)
 
         cand_BxN = allowed_first(reqs, cand_BxM)
