@@ -170,9 +170,8 @@ def _index_params(searcher) -> dict:
 
 
 def _item_features(ds: Dataset, ranker_inputs) -> dict:
-    out = {"genres": ds.features.item_genres, "year": ds.features.item_year}
-    if ds.features.item_release_year is not None:
-        out["release_year"] = ds.features.item_release_year
+    out = {"genres": ds.features.item_genres, "year": ds.features.item_year,
+           "release_year": ds.features.item_release_year}
     if ranker_inputs is not None:
         out["logpop"] = ranker_inputs.item_logpop
     else:

@@ -202,6 +202,7 @@ def test_partial_or_corrupt_artifacts_are_refused(tiny_run, tmp_path):
 
 def test_artifacts_without_release_years_filter_by_year_bucket(rec):
     # Artifacts written before release years were exported keep working, at bucket resolution.
+    from recsys.data.dataset import year_bucket
     from recsys.serve import filtering
     user = users(rec, 1)[0]
     req = rec._parse({"user_id": user, "filters": {"year_min": 1991, "year_max": 1993}})
@@ -209,7 +210,7 @@ def test_artifacts_without_release_years_filter_by_year_bucket(rec):
     args = (cand, rec.availability.mask, rec.a.item_genres, rec.a.item_year, rec.genre_names)
     by_bucket = filtering.allowed([req], *args)[0]
     exact = filtering.allowed([req], *args, rec.a.item_release_year)[0]
-    bucket = filtering.year_to_bucket(1991)
+    bucket = year_bucket(1991)
     assert (rec.a.item_year[cand[0][by_bucket]] == bucket).all()
     assert ((rec.a.item_release_year[cand[0][exact]] >= 1991)
             & (rec.a.item_release_year[cand[0][exact]] <= 1993)).all()

@@ -27,7 +27,7 @@ class FeatureTables:
     item_year: np.ndarray
     user_features: np.ndarray
     user_cardinalities: tuple[int, ...]
-    item_release_year: np.ndarray | None = None
+    item_release_year: np.ndarray
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +114,7 @@ def _ranges(start: np.ndarray, end: np.ndarray) -> np.ndarray:
 
 
 def year_bucket(year: np.ndarray) -> np.ndarray:
+    """5-year buckets of release years (1900-1904 is 1, ...; clipped), 0 where unknown (<= 0)."""
     year = np.asarray(year)
     bucket = np.clip((year - 1900) // 5 + 1, 1, NUM_YEAR_BUCKETS - 1)
     return np.where(year > 0, bucket, 0).astype(np.int32)
@@ -155,10 +156,9 @@ def _feature_tables(raw: RawData, items: Vocab, users: Vocab) -> FeatureTables:
     rows = items.lookup(raw.items.ids)
     genres = np.zeros((items.size, raw.items.genres.shape[1]), np.float32)
     genres[rows] = raw.items.genres
-    year = np.zeros(items.size, np.int32)
-    year[rows] = year_bucket(raw.items.year)
     release_year = np.zeros(items.size, np.int32)
-    release_year[rows] = np.maximum(np.asarray(raw.items.year, np.int64), 0)
+    release_year[rows] = np.maximum(raw.items.year, 0)
+    year = year_bucket(release_year)
     if raw.users is None:
         return FeatureTables(genres, year, np.zeros((users.size, 0), np.int32), (), release_year)
     user_feats = np.zeros((users.size, raw.users.features.shape[1]), np.int32)

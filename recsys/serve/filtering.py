@@ -6,11 +6,8 @@ import threading
 
 import numpy as np
 
-from recsys.config import NUM_YEAR_BUCKETS
+from recsys.data.dataset import year_bucket
 from recsys.serve.requests import Request
-
-FIRST_BUCKET_YEAR = 1900  # year buckets as in recsys.data.dataset.year_bucket: 5 years each
-BUCKET_YEARS = 5
 
 
 class Availability:
@@ -35,11 +32,6 @@ class Availability:
             self._mask = mask
 
 
-def year_to_bucket(year: int) -> int:
-    """The bucket holding `year` (clipped to the bucketed range, 1..NUM_YEAR_BUCKETS-1)."""
-    return int(np.clip((year - FIRST_BUCKET_YEAR) // BUCKET_YEARS + 1, 1, NUM_YEAR_BUCKETS - 1))
-
-
 def allowed(reqs: list[Request], cand_BxM: np.ndarray, available_V: np.ndarray,
             item_genres: np.ndarray, item_year: np.ndarray, genre_names: tuple[str, ...],
             item_release_year: np.ndarray | None = None):
@@ -50,7 +42,7 @@ def allowed(reqs: list[Request], cand_BxM: np.ndarray, available_V: np.ndarray,
     a bound inside a bucket keeps that whole bucket. Items of unknown year fail any year bound.
     """
     exact = item_release_year is not None
-    to_unit = int if exact else year_to_bucket
+    to_unit = int if exact else (lambda year: int(year_bucket(year)))
     year_V = item_release_year if exact else item_year
     no_bound = np.iinfo(np.int64).max
     b, _ = cand_BxM.shape

@@ -38,11 +38,14 @@ def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict) -> None:
                                             meta=ocp.args.JsonSave(meta)))
 
 
-def restore_or_none(mngr: ocp.CheckpointManager, abstract_state, expected_meta: dict):
+def restore_or_none(mngr: ocp.CheckpointManager, abstract_state, expected_meta: dict,
+                    made_for: dict | None = None):
     """Restores the latest checkpoint into `abstract_state`'s shapes and shardings.
 
     Returns (state, meta), or None when the directory holds no checkpoint. A checkpoint made for
-    other table sizes or another model is refused with a message naming what differs.
+    other table sizes or another model is refused with a message naming what differs. One whose
+    `made_for` metadata differs (it was made from inputs that have changed since) is stale: every
+    checkpoint is deleted and None is returned, so the caller trains afresh.
     """
     step = mngr.latest_step()
     if step is None:
@@ -51,6 +54,10 @@ def restore_or_none(mngr: ocp.CheckpointManager, abstract_state, expected_meta: 
         meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     except Exception as e:  # noqa: BLE001 (orbax raises many types for unreadable files)
         raise CheckpointError(f"checkpoint {mngr.directory}/{step} is unreadable: {e}") from None
+    if any(meta.get(k) != v for k, v in (made_for or {}).items()):
+        for old in mngr.all_steps():
+            mngr.delete(old)
+        return None
     for key, want in expected_meta.items():
         if meta.get(key) != want:
             raise CheckpointError(

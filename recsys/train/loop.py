@@ -63,85 +63,81 @@ def train_retrieval(cfg: Config, ds: Dataset, workdir: pathlib.Path,
 
     # Resume order: (1) this workdir's latest checkpoint, (2) fresh init.
     mngr = checkpoint.make_manager(workdir / "checkpoints" / "retrieval", tc)
-    expected = checkpoint.as_json({
-        **{f"vocab.{k}": v for k, v in dataclasses.asdict(vocab).items()},
-        **{f"model.{k}": getattr(cfg.model, k) for k in SHAPE_FIELDS}})
-    try:
-        restored = checkpoint.restore_or_none(mngr, state_lib.abstract_state(state, shardings),
-                                              expected)
-    except BaseException:
-        mngr.close()  # a refused checkpoint must not leave orbax's threads running
-        raise
-    start, loss, meta = 0, float("nan"), {}
-    if restored is not None:
-        state, meta = restored
-        start, loss = meta["step"], meta["loss"]
-    # A run that stopped early is finished: resuming it must not train past its best state.
-    stopped = bool(meta.get("early_stopped", False))
+    with contextlib.closing(mngr):  # closed on errors too: no orbax threads left behind
+        expected = checkpoint.as_json({
+            **{f"vocab.{k}": v for k, v in dataclasses.asdict(vocab).items()},
+            **{f"model.{k}": getattr(cfg.model, k) for k in SHAPE_FIELDS}})
+        restored = checkpoint.restore_or_none(mngr, state_lib.abstract_state(state, shardings), expected)
+        start, loss, meta = 0, float("nan"), {}
+        if restored is not None:
+            state, meta = restored
+            start, loss = meta["step"], meta["loss"]
+        # A run that stopped early is finished: resuming it must not train past its best state.
+        stopped = bool(meta.get("early_stopped", False))
 
-    train_step = steps.make_train_step(graphdef, steps.retrieval_loss, tc, shardings, mesh)
-    pidx = jax.process_index()
-    rows = sharding.process_rows(mesh, tc.batch_size)  # this process reads only its rows
+        train_step = steps.make_train_step(graphdef, steps.retrieval_loss, tc, shardings, mesh)
+        pidx = jax.process_index()
+        rows = sharding.process_rows(mesh, tc.batch_size)  # this process reads only its rows
 
-    # Extra negatives: uniform ones drawn from (seed, step); mined ones from a table that is
-    # re-mined every train.mine_every_epochs and saved, so a resumed run reads the same.
-    uniform_rows = sharding.process_rows(mesh, tc.uniform_negatives) if tc.uniform_negatives else None
-    miner = (mining.MinedNegatives(ds, positions, tc, workdir / "checkpoints" / "mined")
-             if tc.mined_negatives else None)
-    if miner is not None:
-        miner.restore(steps.model_of(graphdef, state), start)
-
-    def batch_at(step):
-        positions_B = order.at(step)[rows]
-        batch = example_inputs(ds, positions_B)
-        batch["log_q"] = log_q_V[batch["item"]]
-        if tc.uniform_negatives:
-            uniform = uniform_negatives(ds.features, ds.num_items, tc.uniform_negatives, tc.seed,
-                                        step)
-            batch.update({k: v[uniform_rows] for k, v in uniform.items()})
+        # Extra negatives: uniform ones drawn from (seed, step); mined ones from a table that is
+        # re-mined every train.mine_every_epochs and saved, so a resumed run reads the same.
+        uniform_rows = sharding.process_rows(mesh, tc.uniform_negatives) if tc.uniform_negatives else None
+        miner = (mining.MinedNegatives(ds, positions, tc, workdir / "checkpoints" / "mined")
+                 if tc.mined_negatives else None)
         if miner is not None:
-            batch.update(miner.inputs(positions_B))
-        return sharding.shard_batch(batch, mesh)
+            miner.restore(steps.model_of(graphdef, state), start)
 
-    # Loop: step, log, evaluate on validation (early stopping), checkpoint.
-    best = {"hr@10": -1.0, "step": start, "state": None, "bad_evals": 0}
-    timed_examples, timed_seconds, step = 0, 0.0, start
-    bar = tqdm(total=tc.num_steps, initial=start, desc="retrieval", dynamic_ncols=True,
-               disable=True if pidx != 0 else None)
-    with jax.set_mesh(mesh), contextlib.closing(mngr):
-        while step < tc.num_steps and not stopped:
-            if miner is not None and miner.due(step):
-                miner.refresh(steps.model_of(graphdef, state), step)
-            batch = batch_at(step)
-            t0 = time.perf_counter()
-            state, loss_arr = train_step(state, batch)
-            step += 1
-            bar.update(1)
-            if step > start + 1:  # the first step compiles
-                loss_arr.block_until_ready()
-                timed_seconds += time.perf_counter() - t0
-                timed_examples += tc.batch_size
-            if step % tc.log_every == 0 or step == tc.num_steps:
+        def batch_at(step):
+            positions_B = order.at(step)[rows]
+            batch = example_inputs(ds, positions_B)
+            batch["log_q"] = log_q_V[batch["item"]]
+            if tc.uniform_negatives:
+                uniform = uniform_negatives(ds.features, ds.num_items, tc.uniform_negatives, tc.seed,
+                                            step)
+                batch.update({k: v[uniform_rows] for k, v in uniform.items()})
+            if miner is not None:
+                batch.update(miner.inputs(positions_B))
+            return sharding.shard_batch(batch, mesh)
+
+        # Loop: step, log, evaluate on validation (early stopping), checkpoint.
+        best = {"hr@10": -1.0, "step": start, "state": None, "bad_evals": 0}
+        timed_examples, timed_seconds, step = 0, 0.0, start
+        bar = tqdm(total=tc.num_steps, initial=start, desc="retrieval", dynamic_ncols=True,
+                   disable=True if pidx != 0 else None)
+        with jax.set_mesh(mesh):
+            while step < tc.num_steps and not stopped:
+                if miner is not None and miner.due(step):
+                    miner.refresh(steps.model_of(graphdef, state), step)
+                batch = batch_at(step)
+                t0 = time.perf_counter()
+                state, loss_arr = train_step(state, batch)
+                step += 1
+                bar.update(1)
+                if step > start + 1:  # the first step compiles
+                    loss_arr.block_until_ready()
+                    timed_seconds += time.perf_counter() - t0
+                    timed_examples += tc.batch_size
+                if step % tc.log_every == 0 or step == tc.num_steps:
+                    loss = float(loss_arr)
+                    bar.set_postfix(loss=f"{loss:.4f}",
+                                    ex_s=f"{timed_examples / max(timed_seconds, 1e-9):.0f}")
+                if (tc.eval_every and (step % tc.eval_every == 0 or step == tc.num_steps)
+                        and _evaluate_and_keep_best(cfg, ds, graphdef, state, step, best)):
+                    bar.write(f"early stopping at step {step}: best validation hr@10 "
+                              f"{best['hr@10']:.4f} at step {best['step']}")
+                    stopped = True
+                    break
+                if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < tc.num_steps:
+                    checkpoint.save(mngr, step, state, {**expected, "step": step, "loss": float(loss_arr)})
+            if step > start:
                 loss = float(loss_arr)
-                bar.set_postfix(loss=f"{loss:.4f}",
-                                ex_s=f"{timed_examples / max(timed_seconds, 1e-9):.0f}")
-            if (tc.eval_every and (step % tc.eval_every == 0 or step == tc.num_steps)
-                    and _evaluate_and_keep_best(cfg, ds, graphdef, state, step, best)):
-                bar.write(f"early stopping at step {step}: best validation hr@10 "
-                          f"{best['hr@10']:.4f} at step {best['step']}")
-                stopped = True
-                break
-            if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < tc.num_steps:
-                checkpoint.save(mngr, step, state, {**expected, "step": step, "loss": float(loss_arr)})
-        if step > start:
-            loss = float(loss_arr)
-            validated = {}
-            if best["state"] is not None:  # keep the best validated state
-                state = best["state"]
-                validated = {"best_val_hr@10": best["hr@10"], "best_step": best["step"]}
-            checkpoint.save(mngr, step, state, {**expected, "step": step, "loss": loss,
-                                                "early_stopped": stopped, **validated})
-        checkpoint.wait(mngr)
+                validated = {}
+                if best["state"] is not None:  # keep the best validated state
+                    state = best["state"]
+                    validated = {"best_val_hr@10": best["hr@10"], "best_step": best["step"]}
+                checkpoint.save(mngr, step, state, {**expected, "step": step, "loss": loss,
+                                                    "early_stopped": stopped, **validated})
+            checkpoint.wait(mngr)
     bar.close()
     metrics = {"train/steps": step, "train/final_loss": loss,
                "train/examples_per_sec": timed_examples / timed_seconds if timed_seconds else 0.0,

@@ -117,13 +117,15 @@ def ranker_events(cfg: Config, ds: Dataset, retrieval: Trained, workdir: pathlib
 
 
 def fit_ranker(cfg: Config, ds: Dataset, tables: RankerTables, events: Events,
-               workdir: pathlib.Path, mesh, made_for: dict | None = None) -> Trained:
+               workdir: pathlib.Path, mesh, made_for: dict) -> Trained:
     """Trains (or restores from workdir) a ranker on listwise batches of `events`.
 
     The number of steps is chosen by K-fold cross-validation over users (train.ranker_folds):
     K models train in lockstep, each on the events of the other folds, and the mean validation
     NDCG@10 of their held-out folds, every ranker_eval_every steps, picks the step count (with
-    patience); then one model trains on every event for that many steps.
+    patience); then one model trains on every event for that many steps. `made_for`: the step
+    counts of the retrieval models the inputs came from, saved with the ranker; a checkpoint
+    made for other ones is stale and the ranker is trained again.
     """
     tc = cfg.train
     if tc.ranker_folds < 2:
@@ -138,11 +140,8 @@ def fit_ranker(cfg: Config, ds: Dataset, tables: RankerTables, events: Events,
         "data.history_len": ds.history_len,
         **{f"vocab.{k}": v for k, v in dataclasses.asdict(vocabularies(ds)).items()}})
     with contextlib.closing(mngr):  # closed on errors too: no orbax threads left behind
-        restored = checkpoint.restore_or_none(mngr, state_lib.abstract_state(state, shardings), expected)
-        if restored and any(restored[1].get(k) != v for k, v in (made_for or {}).items()):
-            restored = None  # made for other retrieval models: retrain (the old one is replaced)
-            for step in mngr.all_steps():
-                mngr.delete(step)
+        restored = checkpoint.restore_or_none(mngr, state_lib.abstract_state(state, shardings),
+                                              expected, made_for)
         if restored:
             state, meta = restored
             out = {k: v for k, v in meta.items() if k.startswith("ranker/")}
@@ -156,7 +155,7 @@ def fit_ranker(cfg: Config, ds: Dataset, tables: RankerTables, events: Events,
             out.update({"ranker/final_loss": loss, "ranker/train_events": len(retrieved.positions)})
             with jax.set_mesh(mesh):
                 checkpoint.save(mngr, out["ranker/steps"], state,
-                                {**expected, **out, **(made_for or {})})
+                                {**expected, **out, **made_for})
         checkpoint.wait(mngr)
     return Trained(graphdef, state, out)
 
