@@ -5,7 +5,7 @@
 
 Each two-tower row is configs/movielens.py plus the row's overrides (cumulative: a row adds
 its change to the kept rows above; then the CHANGES rows each change one thing of the final
-config) with train.ranker_steps=0, trained as the config says and ranked
+config) with ranker.steps=0, trained as the config says and ranked
 on the test split by the protocol's code; its `command` reproduces one seed with the CLI
 (`recsys pipeline` prints the same retrieval/* metrics). Popularity and EASE (lambda tuned on
 validation) come from benchmarks.baselines on the same split. With --json, finished runs are
@@ -75,7 +75,7 @@ def resolved(overrides: list[str]) -> str:
 
 
 def command(data: str, overrides: list[str], seed: int) -> str:
-    sets = " ".join(f"--set {o}" for o in [f"data.path={data}", "train.ranker_steps=0",
+    sets = " ".join(f"--set {o}" for o in [f"data.path={data}", "ranker.steps=0",
                                             f"train.seed={seed}", *overrides])
     return f"recsys pipeline --config {CONFIG} {sets} --workdir runs/ablation"
 
@@ -83,7 +83,7 @@ def command(data: str, overrides: list[str], seed: int) -> str:
 def two_tower_test(data: str, overrides: list[str], seed: int) -> dict:
     """Test metrics of one two-tower run (what `command` prints as retrieval/*)."""
     cfg = config_lib.apply_overrides(config_lib.load(CONFIG), [
-        f"data.path={data}", "train.ranker_steps=0", f"train.seed={seed}", *overrides])
+        f"data.path={data}", "ranker.steps=0", f"train.seed={seed}", *overrides])
     ds = pipeline.load_data(cfg)
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="ablation-") as tmp:

@@ -98,8 +98,8 @@ def synthetic_artifacts(num_items: int, workdir: pathlib.Path) -> pathlib.Path:
     cfg = dataclasses.replace(
         cfg, name=f"serving-bench-{num_items}",
         data=dataclasses.replace(cfg.data, num_users=2000, num_items=num_items),
-        train=dataclasses.replace(cfg.train, num_steps=100, eval_every=0, ranker_steps=20,
-                                  ranker_batch_size=64, ranker_events="training"),
+        train=dataclasses.replace(cfg.train, num_steps=100, eval_every=0),
+        ranker=dataclasses.replace(cfg.ranker, steps=20, batch_size=64, events="training"),
         eval=dataclasses.replace(cfg.eval, max_users=500))
     pipeline.run(cfg, workdir)
     return out

@@ -6,7 +6,7 @@
         --seeds 0,1 --json runs/tune.json
 
 Every trial trains retrieval with data.trained_on=train (the validation event is held out) and
-train.ranker_steps=0, keeps the best validated state when train.eval_every is set, and ranks the
+ranker.steps=0, keeps the best validated state when train.eval_every is set, and ranks the
 validation events against the whole catalogue with the protocol's code. Prints a markdown table
 of validation HR@10 / HR@50 / HR@100 / NDCG@10 (mean over seeds) and the chosen values (the best
 mean validation HR@10; NDCG@10 breaks ties).
@@ -29,7 +29,7 @@ from recsys.eval import protocol
 from recsys.train.loop import train_retrieval
 
 METRICS = ("hr@10", "hr@50", "hr@100", "ndcg@10")
-FORCED = ["data.trained_on=train", "train.ranker_steps=0"]  # tuning never sees the test split
+FORCED = ["data.trained_on=train", "ranker.steps=0"]  # tuning never sees the test split
 
 
 def parse_grid(specs: list[str]) -> dict[str, list[str]]:

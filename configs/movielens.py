@@ -17,7 +17,7 @@ validation event is never trained on. Chosen by the sweeps in docs/results.md (r
 
 import dataclasses
 
-from recsys.config import Config, DataConfig, ModelConfig, ServeConfig, TrainConfig
+from recsys.config import Config, DataConfig, ModelConfig, RankerConfig, ServeConfig, TrainConfig
 
 
 def get_config() -> Config:
@@ -28,14 +28,14 @@ def get_config() -> Config:
                         trained_on="train"),
         model=ModelConfig(embed_dim=64, hidden_dims=(128,), out_dim=64,
                           history_pooling="recency", recency_decay=0.8, temperature=0.1,
-                          time_features=True,
-                          # Ranker: few fresh training events (~1k on ml-latest-small), so a small
-                          # parallel DCN-v2 without id embeddings (docs/results.md, ranking).
-                          ranker_structure="parallel", ranker_embed_dim=4),
+                          time_features=True),
+        # Ranker: few fresh training events (~1k on ml-latest-small), so a small parallel DCN-v2
+        # without id embeddings (docs/results.md, ranking).
+        ranker=RankerConfig(structure="parallel", embed_dim=4, steps=300, batch_size=64,
+                            learning_rate=0.001, negatives=0, events="holdout", holdout_events=3,
+                            eval_every=25, patience=6),
         train=TrainConfig(batch_size=512, num_steps=2000, learning_rate=0.003, eval_every=250,
                           early_stopping_patience=3, hard_negatives=128, mined_negatives=8,
-                          mine_stride=4, ranker_steps=300, ranker_batch_size=64,
-                          ranker_learning_rate=0.001, ranker_negatives=0, ranker_events="holdout",
-                          ranker_holdout_events=3, ranker_eval_every=25, ranker_patience=6),
+                          mine_stride=4),
         serve=ServeConfig(num_candidates=200),
     )

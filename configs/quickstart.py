@@ -5,7 +5,7 @@
 
 import dataclasses
 
-from recsys.config import Config, DataConfig, ModelConfig, ServeConfig, TrainConfig
+from recsys.config import Config, DataConfig, ModelConfig, RankerConfig, ServeConfig, TrainConfig
 
 
 def get_config() -> Config:
@@ -16,7 +16,8 @@ def get_config() -> Config:
                         num_clusters=32, num_genres=16, history_len=20, seed=0),
         model=ModelConfig(embed_dim=32, hidden_dims=(64,), out_dim=32, history_pooling="recency",
                           recency_decay=0.9),
+        ranker=RankerConfig(steps=400, batch_size=128),
         train=TrainConfig(batch_size=512, num_steps=1500, learning_rate=0.005, eval_every=500,
-                          ranker_steps=400, ranker_batch_size=128, log_every=50),
+                          log_every=50),
         serve=ServeConfig(num_candidates=200),
     )

@@ -1,4 +1,10 @@
-"""Typed run configuration: frozen dataclasses, Python config files, dotted overrides."""
+"""Typed run configuration: frozen dataclasses, Python config files, dotted overrides.
+
+Each section checks its own fields when it is built (`__post_init__`): `Literal` fields must
+hold one of their choices and numeric fields their ranges, so a bad value is refused where it
+is written (a config file, `--set`, `Recommender.load(**overrides)`, a manifest). `validate`
+adds the checks that need several sections at once.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ import importlib.util
 import json
 import pathlib
 import typing
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 # Item release years become buckets: 0 unknown, then 5-year buckets from 1900 (data and models).
 NUM_YEAR_BUCKETS = 32
@@ -17,9 +23,32 @@ class ConfigError(ValueError):
     """A config file, key or value that cannot be used; the message names it."""
 
 
+class _Section:
+    """Checks Literal choices, then the section's own `_check` rules, when an instance is built."""
+
+    SECTION: ClassVar[str] = ""
+
+    def __post_init__(self):
+        for name, hint in typing.get_type_hints(type(self)).items():
+            if typing.get_origin(hint) is Literal:
+                allowed = typing.get_args(hint)
+                if getattr(self, name) not in allowed:
+                    raise ConfigError(f"{self.SECTION}.{name}={getattr(self, name)!r}: must be one "
+                                      f"of {', '.join(map(str, allowed))}")
+        self._check()
+
+    def _check(self) -> None:
+        pass
+
+    def _require(self, ok: bool, name: str, rule: str) -> None:
+        if not ok:
+            raise ConfigError(f"{self.SECTION}.{name}={getattr(self, name)!r}: {rule}")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class DataConfig:
-    source: str = "synthetic"  # synthetic | movielens | tfds
+class DataConfig(_Section):
+    SECTION: ClassVar[str] = "data"
+    source: Literal["synthetic", "movielens", "tfds"] = "synthetic"  # where events come from
     path: str = ""  # directory with MovieLens files (movielens) or a TFDS data_dir (tfds)
     tfds_name: str = "recsys_interactions"  # dataset name inside path for source=tfds
     # Synthetic source (ignored by the others).
@@ -35,15 +64,22 @@ class DataConfig:
     history_len: int = 20  # items of history fed to the query tower (the last N before the event)
     min_user_events: int = 3  # users with fewer events are dropped (need train, validation, test)
     max_examples_per_user: int = 0  # cap on training targets per user (0 = no cap)
-    trained_on: str = "train+val"  # train+val | train (validation only for early stopping)
+    trained_on: Literal["train+val", "train"] = "train+val"  # train: validation only for early stopping
+
+    def _check(self) -> None:
+        for name in ("num_users", "num_items", "history_len"):
+            self._require(getattr(self, name) > 0, name, "must be positive")
+        self._require(self.max_examples_per_user >= 0, "max_examples_per_user", "must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class ModelConfig:
+class ModelConfig(_Section):
+    SECTION: ClassVar[str] = "model"
     embed_dim: int = 32  # width of id embeddings
     hidden_dims: tuple[int, ...] = (64,)  # tower MLP widths before the output layer
     out_dim: int = 32  # D: width of the normalised query and item vectors
-    history_pooling: str = "mean"  # mean | recency (decayed by position) | attention (positions)
+    # mean | recency (decayed by position) | attention (with positions)
+    history_pooling: Literal["mean", "recency", "attention"] = "mean"
     recency_decay: float = 0.8  # weight multiplier per step back in history (recency pooling)
     use_user_id: bool = True  # include the user id embedding in the query tower
     use_features: bool = True  # genres/year/user features in the towers
@@ -51,37 +87,89 @@ class ModelConfig:
     temperature: float = 0.05  # initial softmax temperature
     learn_temperature: bool = False  # train log(temperature) with the towers
     dropout: float = 0.0  # dropout rate in tower MLPs
-    ranker_hidden_dims: tuple[int, ...] = (128, 64)  # ranker deep-MLP widths
-    ranker_embed_dim: int = 16  # width of the ranker's own id and feature embeddings
-    ranker_cross_layers: int = 2  # DCN-v2 cross layers (0 = deep MLP only)
-    ranker_cross_rank: int = 0  # cross-layer weight rank (0 = full matrix, >0 = low-rank U V)
-    ranker_structure: str = "stacked"  # stacked (cross then deep) | parallel (cross beside deep)
-    ranker_use_ids: bool = False  # the ranker's own user/item id embeddings (+ DIN over them);
-    # they memorise when each user gives one training event (ranker_events=validation)
-    ranker_use_vectors: bool = False  # raw q, c, q*c vectors (only for ranker_events=training:
-    # otherwise they come from another retrieval model than serving's)
-    ranker_dropout: float = 0.0  # dropout rate in the ranker's deep MLP
+
+    def _check(self) -> None:
+        for name in ("embed_dim", "out_dim"):
+            self._require(getattr(self, name) > 0, name, "must be positive")
+        self._require(all(h > 0 for h in self.hidden_dims), "hidden_dims", "widths must be positive")
+        self._require(self.temperature > 0, "temperature", "must be > 0")
+        self._require(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class MeshConfig:
+class RankerConfig(_Section):
+    """Stage 3: the DCN-v2 ranker's shape and how it is trained."""
+
+    SECTION: ClassVar[str] = "ranker"
+    # Model.
+    hidden_dims: tuple[int, ...] = (128, 64)  # deep-MLP widths
+    embed_dim: int = 16  # width of the ranker's own id and feature embeddings
+    cross_layers: int = 2  # DCN-v2 cross layers (0 = deep MLP only)
+    cross_rank: int = 0  # cross-layer weight rank (0 = full matrix, >0 = low-rank U V)
+    structure: Literal["stacked", "parallel"] = "stacked"  # cross then deep | cross beside deep
+    use_ids: bool = False  # the ranker's own user/item id embeddings (+ DIN over them);
+    # they memorise when each user gives one training event (events=validation)
+    use_vectors: bool = False  # raw q, c, q*c vectors (only for events=training:
+    # otherwise they come from another retrieval model than serving's)
+    dropout: float = 0.0  # dropout rate in the deep MLP
+    # Training.
+    steps: int = 300  # training steps (0 = no ranker; serving orders by retrieval)
+    batch_size: int = 128  # events per step
+    learning_rate: float = 0.003  # Adam learning rate
+    weight_decay: float = 0.0  # decoupled weight decay (adamw when > 0)
+    negatives: int = 15  # negatives per event from the top-R (0 = the whole top-R list)
+    random_negatives: int = 4  # of `negatives`, drawn uniformly from the catalogue
+    loss: Literal["softmax", "bce"] = "softmax"  # listwise over the event's candidates | pointwise
+    # What the ranker learns from (recsys.train.ranker.ranker_events; each event scored by a
+    # retrieval model that never saw it).
+    events: Literal["holdout", "validation", "training"] = "holdout"
+    folds: int = 3  # K: users split into K folds; K-fold validation NDCG@10 picks the steps
+    holdout_events: int = 3  # holdout events: latest events per user a shadow model skips
+    eval_every: int = 100  # steps between K-fold validation NDCG@10 (0 = at the end)
+    patience: int = 3  # evaluations without improvement before the K-fold run stops (0 = off)
+
+    def _check(self) -> None:
+        for name in ("embed_dim", "batch_size", "holdout_events"):
+            self._require(getattr(self, name) > 0, name, "must be positive")
+        for name in ("steps", "cross_layers", "cross_rank", "negatives", "random_negatives",
+                     "eval_every", "patience"):
+            self._require(getattr(self, name) >= 0, name, "must be >= 0")
+        self._require(all(h > 0 for h in self.hidden_dims), "hidden_dims", "widths must be positive")
+        self._require(self.learning_rate > 0, "learning_rate", "must be > 0")
+        self._require(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+        self._require(self.folds >= 2, "folds", "cross-validation needs >= 2 folds")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MeshConfig(_Section):
+    SECTION: ClassVar[str] = "mesh"
     data: int = -1  # devices along the data axis (-1 = all remaining devices)
     model: int = 1  # devices along the model axis (embedding rows are split over both)
     device_memory_gib: float = 0.0  # per-device memory for the memory plan, GiB (0 = ask the device)
 
+    def _check(self) -> None:
+        self._require(self.data > 0 or self.data == -1, "data", "must be positive or -1")
+        self._require(self.model > 0, "model", "must be positive")
+        self._require(self.device_memory_gib >= 0, "device_memory_gib", "must be >= 0")
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class TrainConfig:
+class TrainConfig(_Section):
+    """Retrieval training: optimisation, negatives, evaluation and checkpoint cadence."""
+
+    SECTION: ClassVar[str] = "train"
     batch_size: int = 256  # global batch (examples per step over all devices)
     num_steps: int = 500  # retrieval training steps
     learning_rate: float = 0.01  # peak learning rate
-    optimizer: str = "adam"  # adam | adagrad | sgd
+    optimizer: Literal["adam", "adagrad", "sgd"] = "adam"  # dense parameters' optimizer
     weight_decay: float = 0.0  # decoupled weight decay (adamw when > 0)
     logq_correction: bool = True  # subtract log q(item) from in-batch logits
-    logq_estimate: str = "counts"  # counts (training-set frequencies) | streaming (Yi et al. 2019)
+    # counts (training-set frequencies) | streaming (Yi et al. 2019)
+    logq_estimate: Literal["counts", "streaming"] = "counts"
     logq_buckets: int = 0  # hash buckets of the streaming estimate (0 = one per item row)
     logq_learning_rate: float = 0.001  # streaming estimate: weight of a sighting after 1/rate
-    embedding_optimizer: str = "dense"  # tables: dense (optax) | rowwise_adagrad | lazy_adam (sparse)
+    # tables: dense (optax) | rowwise_adagrad | lazy_adam (sparse row updates)
+    embedding_optimizer: Literal["dense", "rowwise_adagrad", "lazy_adam"] = "dense"
     embedding_learning_rate: float = 0.0  # sparse table optimizer's rate (0 = learning_rate)
     remove_accidental_hits: bool = True  # mask negatives (every source) equal to the positive
     uniform_negatives: int = 0  # M: catalogue items drawn uniformly per step, shared negatives (0 = off)
@@ -91,56 +179,97 @@ class TrainConfig:
     mine_ranks: tuple[int, ...] = (10, 100)  # rank band [lo, hi) that mined negatives are drawn from
     mine_stride: int = 1  # search once per k consecutive training events of a user (cost / k)
     mine_margin: float = 0.0  # skip mined items scoring above the positive's cosine minus this (<0 allows some)
-    mined_correction: str = "band"  # log q of mined items: band (1/items left in the band) | uniform (1/N) | none
+    # log q of mined items: band (1/items left in the band) | uniform (1/N) | none
+    mined_correction: Literal["band", "uniform", "none"] = "band"
     eval_every: int = 0  # steps between validation HR@K (0 = only at the end)
     early_stopping_patience: int = 0  # evaluations without improvement before stopping (0 = off)
     checkpoint_every: int = 0  # steps between checkpoints (0 = only at the end)
     keep_checkpoints: int = 2  # checkpoints kept on disk
     seed: int = 0  # parameter init and batch order
-    ranker_steps: int = 300  # ranker training steps (0 = no ranker; serving orders by retrieval)
-    ranker_batch_size: int = 128  # events per ranker step
-    ranker_learning_rate: float = 0.003  # ranker learning rate
-    ranker_weight_decay: float = 0.0  # decoupled weight decay of the ranker (adamw when > 0)
-    ranker_negatives: int = 15  # negatives per event from the top-R (0 = the whole top-R list)
-    ranker_random_negatives: int = 4  # of ranker_negatives, drawn uniformly from the catalogue
-    ranker_loss: str = "softmax"  # softmax (listwise over the event's candidates) | bce (pointwise)
-    ranker_events: str = "holdout"  # what the ranker learns from: holdout | validation |
-    # training (recsys.train.ranker.ranker_events; each scored by a model that never saw it)
-    ranker_folds: int = 3  # K: users split into K folds; K-fold validation NDCG@10 picks the steps
-    ranker_holdout_events: int = 3  # holdout events: latest events per user a shadow model skips
-    ranker_eval_every: int = 100  # ranker steps between K-fold validation NDCG@10 (0 = at the end)
-    ranker_patience: int = 3  # evaluations without improvement before the K-fold run stops (0 = off)
     log_every: int = 50  # steps between progress-bar loss updates
+
+    def _check(self) -> None:
+        self._require(self.batch_size > 0, "batch_size", "must be positive")
+        for name in ("num_steps", "weight_decay", "logq_buckets", "embedding_learning_rate",
+                     "uniform_negatives", "hard_negatives", "mined_negatives", "eval_every",
+                     "early_stopping_patience", "checkpoint_every"):
+            self._require(getattr(self, name) >= 0, name, "must be >= 0")
+        self._require(self.learning_rate > 0, "learning_rate", "must be > 0")
+        self._require(0 < self.logq_learning_rate <= 1, "logq_learning_rate", "must be in (0, 1]")
+        self._require(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
+        self._require(self.log_every >= 1, "log_every", "must be >= 1")
+        if self.mined_negatives:
+            lo_hi = self.mine_ranks
+            self._require(len(lo_hi) == 2 and 0 <= lo_hi[0] < lo_hi[1], "mine_ranks",
+                          "must be two ranks lo,hi with 0 <= lo < hi")
+            self._require(lo_hi[1] - lo_hi[0] >= self.mined_negatives, "mine_ranks",
+                          f"holds fewer than train.mined_negatives={self.mined_negatives} items")
+            self._require(self.mine_stride >= 1, "mine_stride", "must be >= 1")
+            self._require(self.mine_every_epochs > 0, "mine_every_epochs", "must be > 0")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class IndexConfig:
-    kind: str = "scann"  # scann | exact
+class IndexConfig(_Section):
+    SECTION: ClassVar[str] = "index"
+    kind: Literal["scann", "exact"] = "scann"  # approximate (ScaNN) or brute-force search
     num_leaves: int = 0  # ScaNN partitions (0 = derived from the catalogue size)
     leaves_to_search: int = 0  # partitions searched per query (0 = derived)
     reorder: int = 0  # candidates re-scored exactly (0 = derived)
 
+    def _check(self) -> None:
+        for name in ("num_leaves", "leaves_to_search", "reorder"):
+            self._require(getattr(self, name) >= 0, name, "must be >= 0 (0 = derived)")
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class EvalConfig:
+class EvalConfig(_Section):
+    SECTION: ClassVar[str] = "eval"
     ks: tuple[int, ...] = (10, 50, 100)  # cut-offs for HR@K
     max_users: int = 0  # evaluate a deterministic subset of users (0 = all)
     item_chunk: int = 65536  # items scored at once by exact top-k
 
+    def _check(self) -> None:
+        self._require(bool(self.ks) and all(k > 0 for k in self.ks), "ks", "must be positive cut-offs")
+        self._require(self.max_users >= 0, "max_users", "must be >= 0")
+        self._require(self.item_chunk > 0, "item_chunk", "must be positive")
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class ServeConfig:
+class ServeConfig(_Section):
+    """Serving defaults; requests may override the ordering options and add filter rules."""
+
+    SECTION: ClassVar[str] = "serve"
     num_candidates: int = 200  # R: items retrieved per request before filtering
     exclude_seen: bool = True  # drop the user's own history from recommendations
-    ordering: str = "topk"  # default stage-4 policy: topk | mmr | explore
+    ordering: Literal["topk", "mmr", "explore"] = "topk"  # default stage-4 policy
     mmr_lambda: float = 0.5  # MMR relevance weight in [0, 1] (1 = pure score order)
-    mmr_similarity: str = "vectors"  # MMR item similarity: vectors (item cosine) | genres
+    mmr_similarity: Literal["vectors", "genres"] = "vectors"  # item cosine | shared genres
     genre_cap: int = 0  # most items per genre in one list (0 = no cap)
     explore_temperature: float = 0.3  # softmax temperature of explore sampling (score units)
     recent_items: int = 0  # extra source: the user's latest N items' nearest items (0 = off)
     neighbours_per_item: int = 10  # items retrieved per recent item by the extra source
     popular_candidates: int = 0  # extra source: the N most popular items for every request
-    filters: str = ""  # default item rules as JSON, e.g. '{"year_min": 1990}' (requests add keys)
+    # Default item rules (requests add their own): genre names, and release years (0 = no bound).
+    filter_genres_not: tuple[str, ...] = ()  # never serve items of these genres
+    filter_genres_any: tuple[str, ...] = ()  # serve only items of at least one of these genres
+    filter_year_min: int = 0  # earliest release year served (0 = no bound)
+    filter_year_max: int = 0  # latest release year served (0 = no bound)
+
+    def _check(self) -> None:
+        self._require(self.num_candidates > 0, "num_candidates", "must be positive")
+        self._require(0.0 <= self.mmr_lambda <= 1.0, "mmr_lambda", "must be in [0, 1]")
+        self._require(self.explore_temperature > 0, "explore_temperature", "must be > 0")
+        for name in ("genre_cap", "recent_items", "neighbours_per_item", "popular_candidates",
+                     "filter_year_min", "filter_year_max"):
+            self._require(getattr(self, name) >= 0, name, "must be >= 0")
+        for name in ("filter_year_min", "filter_year_max"):
+            self._require(getattr(self, name) <= 9999, name, "must be a year <= 9999 (0 = no bound)")
+
+    def filters(self) -> dict:
+        """The default rules in the request form (see recsys.serve.requests.parse_filters)."""
+        rules = {"genres_not": self.filter_genres_not, "genres_any": self.filter_genres_any,
+                 "year_min": self.filter_year_min, "year_max": self.filter_year_max}
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in rules.items() if v}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -148,6 +277,7 @@ class Config:
     name: str = "run"  # shown in logs and the manifest
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
+    ranker: RankerConfig = RankerConfig()
     mesh: MeshConfig = MeshConfig()
     train: TrainConfig = TrainConfig()
     index: IndexConfig = IndexConfig()
@@ -155,34 +285,28 @@ class Config:
     serve: ServeConfig = ServeConfig()
 
 
-_CHOICES = {
-    "data.source": ("synthetic", "movielens", "tfds"),
-    "data.trained_on": ("train+val", "train"),
-    "model.history_pooling": ("mean", "recency", "attention"),
-    "train.mined_correction": ("band", "uniform", "none"),
-    "train.optimizer": ("adam", "adagrad", "sgd"),
-    "train.embedding_optimizer": ("dense", "rowwise_adagrad", "lazy_adam"),
-    "train.logq_estimate": ("counts", "streaming"),
-    "index.kind": ("scann", "exact"),
-    "model.ranker_structure": ("stacked", "parallel"),
-    "train.ranker_loss": ("softmax", "bce"),
-    "train.ranker_events": ("validation", "holdout", "training"),
-    "serve.ordering": ("topk", "mmr", "explore"),
-    "serve.mmr_similarity": ("vectors", "genres"),
-}
-
-
 def load(path: str | pathlib.Path) -> Config:
-    """Runs `get_config()` from a Python config file (validated once overrides are applied)."""
+    """Runs `get_config()` from a Python config file (validated once overrides are applied).
+
+    A config file is Python and runs as code, like big_vision's and Flax's: load only files you
+    trust. Any error it raises becomes one ConfigError line naming the file.
+    """
     path = pathlib.Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     spec = importlib.util.spec_from_file_location(f"recsys_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"config file {path} has no get_config() function")
-    cfg = module.get_config()
+    try:
+        spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise ConfigError(f"config file {path} has no get_config() function")
+        cfg = module.get_config()
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if str(path) not in str(e) else str(e)) from None
+    except SyntaxError as e:
+        raise ConfigError(f"config file {path}: syntax error at line {e.lineno}: {e.msg}") from None
+    except Exception as e:  # noqa: BLE001 (the file is user code: any error is the user's)
+        raise ConfigError(f"config file {path}: {type(e).__name__}: {e}") from None
     if not isinstance(cfg, Config):
         raise ConfigError(f"{path}: get_config() returned {type(cfg).__name__}, not recsys Config")
     return cfg
@@ -198,16 +322,25 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
         section_name, field_name = parts
         section = getattr(cfg, section_name, None)
         if not dataclasses.is_dataclass(section):
-            raise ConfigError(f"unknown config section {section_name!r} in {item!r}; "
+            raise ConfigError(f"unknown config section {section_name!r} in {item!r}"
+                              f"{_did_you_mean(section_name, _section_names())}; "
                               f"sections: {', '.join(_section_names())}")
         hints = typing.get_type_hints(type(section))
-        if field_name not in hints:
-            raise ConfigError(f"unknown config key {key!r}; {section_name} has: "
-                              f"{', '.join(f.name for f in dataclasses.fields(section))}")
+        names = [f.name for f in dataclasses.fields(section)]
+        if field_name not in names:
+            raise ConfigError(f"unknown config key {key!r}"
+                              f"{_did_you_mean(field_name, names, section_name + '.')}; "
+                              f"{section_name} has: {', '.join(names)}")
         value = _coerce(key, text.strip(), hints[field_name])
         cfg = dataclasses.replace(cfg, **{section_name: dataclasses.replace(section, **{field_name: value})})
     validate(cfg)
     return cfg
+
+
+def _did_you_mean(name: str, known: list[str], prefix: str = "") -> str:
+    import difflib
+    close = difflib.get_close_matches(name, known, n=1)
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
 
 
 def _section_names() -> list[str]:
@@ -216,6 +349,8 @@ def _section_names() -> list[str]:
 
 def _coerce(key: str, text: str, hint: Any) -> Any:
     try:
+        if typing.get_origin(hint) is Literal:
+            return text  # the section checks the choice
         if hint is bool:
             if text.lower() in ("1", "true", "yes", "on"):
                 return True
@@ -238,43 +373,10 @@ def _coerce(key: str, text: str, hint: Any) -> Any:
 
 
 def validate(cfg: Config) -> None:
-    """Rejects values no run can use, naming the field."""
-    for key, allowed in _CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value not in allowed:
-            raise ConfigError(f"{key}={value!r}: must be one of {', '.join(allowed)}")
-    positive = ["model.embed_dim", "model.out_dim", "train.batch_size", "data.history_len",
-                "serve.num_candidates", "data.num_users", "data.num_items"]
-    for key in positive:
-        section, name = key.split(".")
-        if getattr(getattr(cfg, section), name) <= 0:
-            raise ConfigError(f"{key} must be positive, got {getattr(getattr(cfg, section), name)}")
-    if cfg.train.num_steps < 0 or cfg.train.ranker_steps < 0:
-        raise ConfigError("train.num_steps and train.ranker_steps must be >= 0")
-    _validate_negatives(cfg.train)
-    if not 0.0 <= cfg.model.dropout < 1.0:
-        raise ConfigError(f"model.dropout must be in [0, 1), got {cfg.model.dropout}")
+    """Checks that need more than one field of a section (each section checks its own)."""
     if cfg.data.source in ("movielens", "tfds") and not cfg.data.path:
         raise ConfigError(f"data.path is required for data.source={cfg.data.source}; "
                           "pass --set data.path=DIR")
-
-
-def _validate_negatives(tc: TrainConfig) -> None:
-    for name in ("uniform_negatives", "hard_negatives", "mined_negatives"):
-        if getattr(tc, name) < 0:
-            raise ConfigError(f"train.{name} must be >= 0, got {getattr(tc, name)}")
-    if tc.mined_negatives:
-        ranks = tc.mine_ranks
-        if len(ranks) != 2 or not 0 <= ranks[0] < ranks[1]:
-            raise ConfigError(f"train.mine_ranks={ranks}: must be two ranks lo,hi with 0 <= lo < hi")
-        if ranks[1] - ranks[0] < tc.mined_negatives:
-            raise ConfigError(f"train.mine_ranks={ranks} holds fewer than "
-                              f"train.mined_negatives={tc.mined_negatives} items")
-        if tc.mine_stride < 1:
-            raise ConfigError(f"train.mine_stride must be >= 1, got {tc.mine_stride}")
-        if tc.mine_every_epochs <= 0:
-            raise ConfigError(f"train.mine_every_epochs must be > 0, got {tc.mine_every_epochs}")
 
 
 def to_dict(cfg: Config) -> dict:
@@ -282,14 +384,14 @@ def to_dict(cfg: Config) -> dict:
 
 
 def from_dict(d: dict) -> Config:
-    """Rebuilds a Config saved with `to_dict` (e.g. from a manifest)."""
+    """Rebuilds a Config saved with `to_dict` (e.g. from a manifest); unknown keys are ignored."""
     sections = {}
     for f in dataclasses.fields(Config):
         if dataclasses.is_dataclass(f.default):
             cls = type(f.default)
             hints = typing.get_type_hints(cls)
             known = {k: (tuple(v) if typing.get_origin(hints[k]) is tuple else v)
-                     for k, v in d.get(f.name, {}).items() if k in hints}
+                     for k, v in d.get(f.name, {}).items() if k in hints and k != "SECTION"}
             sections[f.name] = cls(**known)
     return Config(name=d.get("name", "run"), **sections)
 
@@ -306,6 +408,7 @@ __all__ = [
     "IndexConfig",
     "MeshConfig",
     "ModelConfig",
+    "RankerConfig",
     "ServeConfig",
     "TrainConfig",
     "apply_overrides",

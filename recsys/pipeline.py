@@ -54,7 +54,7 @@ def run(cfg: Config, workdir: pathlib.Path, *, export: bool = True) -> dict:
     metrics[f"retrieval/recall@{r}"] = float(np.mean(ev.ranks < r))
 
     ranker, ranker_inputs = (None, None)
-    if cfg.train.ranker_steps > 0:
+    if cfg.ranker.steps > 0:
         ranker, ranker_inputs = train_ranker(cfg, ds, retrieval, workdir, mesh)
         metrics.update(ranker.metrics)
         lap("train_ranker")
@@ -182,7 +182,7 @@ def _trained(cfg: Config, workdir: pathlib.Path, *, require_checkpoint: bool):
     mesh = sharding.make_mesh(cfg.mesh)
     _log(plan.format_plan(plan.for_dataset(cfg, ds, mesh)))
     retrieval = train_retrieval(cfg, ds, workdir, mesh)
-    ranker = train_ranker(cfg, ds, retrieval, workdir, mesh) if cfg.train.ranker_steps else None
+    ranker = train_ranker(cfg, ds, retrieval, workdir, mesh) if cfg.ranker.steps else None
     return ds, retrieval, ranker
 
 

@@ -24,7 +24,7 @@ from recsys.train.loop import vocabularies
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.py")
 # Dropout on, so the RNG streams in the state matter for exact resumption.
-RUN = ["--set", "train.ranker_steps=0", "--set", "model.dropout=0.1", "--set", "train.log_every=1000"]
+RUN = ["--set", "ranker.steps=0", "--set", "model.dropout=0.1", "--set", "train.log_every=1000"]
 STEPS = 60
 
 

@@ -80,7 +80,7 @@ def test_empty_dataset_after_filtering(tmp_path):
 def test_checkpoint_of_another_shape_and_serving_from_the_cli(tmp_path):
     workdir = str(tmp_path / "w")
     ok = recsys("pipeline", "--config", TINY, "--workdir", workdir,
-                "--set", "train.num_steps=4", "--set", "train.ranker_steps=2")
+                "--set", "train.num_steps=4", "--set", "ranker.steps=2")
     assert ok.returncode == 0, ok.stderr
     assert "pipeline/hr@10" in ok.stdout and "sample: recsys serve" in ok.stdout
     assert_user_error(recsys("train", "--config", TINY, "--workdir", workdir,

@@ -89,10 +89,11 @@ def test_uniform_negatives_depend_only_on_seed_and_step():
 
 def _tiny(**train):
     cfg = config_lib.load(ROOT / "configs" / "tiny.py")
-    train = {"ranker_steps": 0, "uniform_negatives": 16, "mined_negatives": 3,
+    train = {"uniform_negatives": 16, "mined_negatives": 3,
              "hard_negatives": 40, "mine_ranks": (2, 30), "optimizer": "adagrad",
              "mine_margin": -2.0, **train}  # cosines differ by at most 2: no margin filter
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train))
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train),
+                               ranker=dataclasses.replace(cfg.ranker, steps=0))
 
 
 def test_mined_table_skips_known_items_and_resume_is_exact(tmp_path):

@@ -58,7 +58,7 @@ def test_movielens_config_runs_unchanged_on_100k_and_1m_layouts(tmp_path, layout
     # Only data.path differs from the config; the step counts just keep the test short (the
     # whole funnel on one layout, retrieval training on the other).
     sets = [f"data.path={data}", "train.num_steps=4", "train.eval_every=2",
-            f"train.ranker_steps={2 if command == 'pipeline' else 0}"]
+            f"ranker.steps={2 if command == 'pipeline' else 0}"]
     code = cli.main([command, "--config", "configs/movielens.py", "--workdir", str(workdir),
                      *[a for s in sets for a in ("--set", s)]])
     assert code == 0, capsys.readouterr().err

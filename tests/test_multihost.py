@@ -22,7 +22,7 @@ from recsys.train.loop import vocabularies
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.py"
 STEPS = 6
-OVERRIDES = [f"train.num_steps={STEPS}", "train.ranker_steps=0", "mesh.data=4", "mesh.model=2"]
+OVERRIDES = [f"train.num_steps={STEPS}", "ranker.steps=0", "mesh.data=4", "mesh.model=2"]
 
 
 def tiny(*overrides: str) -> config_lib.Config:

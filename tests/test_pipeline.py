@@ -23,9 +23,11 @@ STAGE_KEYS = ["retrieval/recall@50", "ranker/val_ndcg@10", "ranker/val_retrieval
                                                  "train_ranker", "export", "evaluate_pipeline")]]
 
 
-def tiny_config(**train):
+def tiny_config(ranker_steps: int | None = None, **train):
     cfg = config_lib.load(ROOT / "configs" / "tiny.py")
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train))
+    ranker = cfg.ranker if ranker_steps is None else dataclasses.replace(cfg.ranker,
+                                                                         steps=ranker_steps)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train), ranker=ranker)
 
 
 @pytest.mark.e2e

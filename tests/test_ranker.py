@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from recsys import sharding
-from recsys.config import DataConfig, MeshConfig, ModelConfig
+from recsys.config import DataConfig, MeshConfig, RankerConfig
 from recsys.data import dataset as dataset_lib
 from recsys.data.synthetic import generate
 from recsys.models.ranker import CrossLayer, Ranker
@@ -59,8 +59,9 @@ def score(m, x):
 
 
 def model(**kw) -> Ranker:
-    cfg = ModelConfig(out_dim=D, ranker_embed_dim=4, ranker_hidden_dims=(8,), **kw)
-    return Ranker(cfg, Vocabularies(U, V, G, (2,)), L, nnx.Rngs(0))
+    cfg = RankerConfig(embed_dim=4, hidden_dims=(8,), **kw)
+    return Ranker(cfg, Vocabularies(U, V, G, (2,)), L, nnx.Rngs(0), vector_dim=D,
+                  temperature=0.05)
 
 
 def test_timeline_counts_only_events_strictly_before_the_request_in_the_window():
@@ -111,7 +112,7 @@ def test_untrained_ranker_keeps_the_retrieval_order_and_scores_every_candidate(s
     rng = np.random.default_rng(1)
     t = tables(rng)
     x = batch(t, rng)
-    m = model(ranker_structure=structure, ranker_cross_rank=2, ranker_use_ids=ids)
+    m = model(structure=structure, cross_rank=2, use_ids=ids)
     scores = np.asarray(score(m, x))
     assert scores.shape == (3, 5) and np.isfinite(scores).all()
     dots = np.einsum("bd,bnd->bn", x["q"], x["c"])
@@ -122,7 +123,7 @@ def test_history_attention_ignores_padding_and_the_correction_learns():
     rng = np.random.default_rng(2)
     t = tables(rng)
     x = batch(t, rng)
-    m = model(ranker_use_ids=True)
+    m = model(use_ids=True)
     m.out.kernel[...] = jnp.ones_like(m.out.kernel[...])  # make the correction visible
     base = np.asarray(score(m, x))
     changed = dict(x, h=x["h"].copy())
@@ -180,9 +181,8 @@ def test_folds_keep_each_user_in_one_fold_and_use_every_fold():
 
 @pytest.mark.parametrize("loss", ["softmax", "bce"])
 def test_both_losses_prefer_the_true_item_in_column_zero(loss):
-    from recsys.config import TrainConfig
     from recsys.train.ranker import ranker_loss
-    cfg = TrainConfig(ranker_loss=loss)
+    cfg = RankerConfig(loss=loss)
     right = ranker_loss(lambda b: jnp.array([[3.0, 0.0, -1.0]]), {}, cfg)
     wrong = ranker_loss(lambda b: jnp.array([[-1.0, 0.0, 3.0]]), {}, cfg)
     assert float(right) < float(wrong)

@@ -9,7 +9,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from recsys import sharding
-from recsys.config import MeshConfig, ModelConfig, TrainConfig
+from recsys.config import MeshConfig, ModelConfig, RankerConfig, TrainConfig
 from recsys.models.ranker import Ranker
 from recsys.models.two_tower import TwoTower, Vocabularies
 from recsys.train import state as state_lib
@@ -81,9 +81,9 @@ def test_golden_partition_specs_two_tower(shape, embedding_optimizer):
 @pytest.mark.parametrize("shape", [(2, 4), (4, 2)])
 @pytest.mark.parametrize("use_ids", [False, True])
 def test_golden_partition_specs_ranker(shape, use_ids):
-    cfg = ModelConfig(out_dim=8, ranker_embed_dim=8, ranker_hidden_dims=(16,),
-                      ranker_use_ids=use_ids)
-    _, abstract = state_lib.abstract(lambda rngs: Ranker(cfg, VOCAB, 6, rngs),
+    cfg = RankerConfig(embed_dim=8, hidden_dims=(16,), use_ids=use_ids)
+    _, abstract = state_lib.abstract(lambda rngs: Ranker(cfg, VOCAB, 6, rngs, vector_dim=8,
+                                                         temperature=0.05),
                                      state_lib.make_optimizer(TrainConfig()), 0, _mesh(*shape))
     specs = {k: v for k, v in _specs(abstract).items() if k.startswith("0/")}
     assert {k: v for k, v in specs.items() if v != P()} == (GOLDEN_RANKER if use_ids else {})

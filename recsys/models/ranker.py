@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from recsys.config import NUM_YEAR_BUCKETS, ModelConfig
+from recsys.config import NUM_YEAR_BUCKETS, RankerConfig
 from recsys.models import layers
 from recsys.models.ranker_inputs import GAP_BUCKETS, NUM_NUMERIC
 from recsys.models.two_tower import Vocabularies
@@ -67,40 +67,44 @@ class Ranker(nnx.Module):
     latest item, the closest, the attended one; genre affinity), item popularity in time
     windows and age at the request time, genre / year / year-gap / user-feature embeddings,
     the request context and, optionally, the ranker's own user and item id embeddings with the
-    attended history embedding (ranker_use_ids) and the raw two-tower vectors
-    (ranker_use_vectors). Inputs: recsys.models.ranker_inputs. The correction's output layer
+    attended history embedding (cfg.use_ids) and the raw two-tower vectors
+    (cfg.use_vectors). Inputs: recsys.models.ranker_inputs. The correction's output layer
     starts at zero, so an untrained ranker keeps the retrieval order.
     """
 
-    def __init__(self, cfg: ModelConfig, vocab: Vocabularies, history_len: int, rngs: nnx.Rngs,
-                 numeric_stats: tuple | None = None):
-        """numeric_stats: (mean, std) [NUM_NUMERIC] of recsys.models.ranker_inputs.numeric."""
+    def __init__(self, cfg: RankerConfig, vocab: Vocabularies, history_len: int, rngs: nnx.Rngs,
+                 numeric_stats: tuple | None = None, *, vector_dim: int, temperature: float):
+        """numeric_stats: (mean, std) [NUM_NUMERIC] of recsys.models.ranker_inputs.numeric.
+
+        vector_dim: D of the two-tower vectors; temperature: theirs, the retrieval score's
+        initial scale is 1 / temperature.
+        """
         self.cfg = cfg
-        e, d = cfg.ranker_embed_dim, cfg.out_dim
+        e, d = cfg.embed_dim, vector_dim
         mean, std = numeric_stats or (jnp.zeros(NUM_NUMERIC), jnp.ones(NUM_NUMERIC))
         self.numeric_mean = Constant(jnp.asarray(mean, jnp.float32))
         self.numeric_std = Constant(jnp.asarray(std, jnp.float32))
-        self.item_table = layers.table(vocab.num_items, e, rngs) if cfg.ranker_use_ids else None
-        self.user_table = layers.table(vocab.num_users, e, rngs) if cfg.ranker_use_ids else None
+        self.item_table = layers.table(vocab.num_items, e, rngs) if cfg.use_ids else None
+        self.user_table = layers.table(vocab.num_users, e, rngs) if cfg.use_ids else None
         self.user_feature_tables = nnx.List(
             [layers.small_table(n, e, rngs) for n in vocab.user_cardinalities])
         self.genre_proj = layers.dense(vocab.num_genres, e, rngs)
         self.year_table = layers.small_table(NUM_YEAR_BUCKETS, e, rngs)
         self.gap_table = layers.small_table(GAP_BUCKETS, e, rngs)
         self.attention = HistoryAttention(history_len, e, rngs)
-        num_embeds = 3 + int(bool(vocab.user_cardinalities)) + 4 * int(cfg.ranker_use_ids)
-        in_dim = num_embeds * e + NUM_NUMERIC + 1 + (3 * d if cfg.ranker_use_vectors else 0)
-        self.cross = nnx.List([CrossLayer(in_dim, cfg.ranker_cross_rank, rngs)
-                               for _ in range(cfg.ranker_cross_layers)])
+        num_embeds = 3 + int(bool(vocab.user_cardinalities)) + 4 * int(cfg.use_ids)
+        in_dim = num_embeds * e + NUM_NUMERIC + 1 + (3 * d if cfg.use_vectors else 0)
+        self.cross = nnx.List([CrossLayer(in_dim, cfg.cross_rank, rngs)
+                               for _ in range(cfg.cross_layers)])
         self.deep = nnx.List([layers.dense(a, b, rngs) for a, b in
-                              zip((in_dim, *cfg.ranker_hidden_dims), cfg.ranker_hidden_dims)])
-        self.dropout = nnx.Dropout(cfg.ranker_dropout, rngs=rngs)
-        top = cfg.ranker_hidden_dims[-1] if cfg.ranker_hidden_dims else in_dim
-        if cfg.ranker_structure == "parallel":
+                              zip((in_dim, *cfg.hidden_dims), cfg.hidden_dims)])
+        self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
+        top = cfg.hidden_dims[-1] if cfg.hidden_dims else in_dim
+        if cfg.structure == "parallel":
             top += in_dim
         self.out = layers.dense(top, 1, rngs)
         self.out.kernel[...] = jnp.zeros_like(self.out.kernel[...])
-        self.dot_scale = nnx.Param(jnp.asarray(1.0 / cfg.temperature, jnp.float32))
+        self.dot_scale = nnx.Param(jnp.asarray(1.0 / temperature, jnp.float32))
 
     def features(self, batch: dict):
         """x0 [B, N, I] (numeric features standardised) and the retrieval score [B, N]."""
@@ -130,7 +134,7 @@ class Ranker(nnx.Module):
             feats_BxF = batch["user_feats"]
             parts.append(per_request(sum(t(feats_BxF[:, i])
                                          for i, t in enumerate(self.user_feature_tables))))
-        if self.cfg.ranker_use_vectors:
+        if self.cfg.use_vectors:
             q_BxNxD = jnp.broadcast_to(q_BxD[:, None, :], c_BxNxD.shape)
             parts += [q_BxNxD, c_BxNxD, q_BxNxD * c_BxNxD]
         return jnp.concatenate(parts, axis=-1), batch["item_sims"][..., 0]
@@ -142,9 +146,9 @@ class Ranker(nnx.Module):
         x = x0
         for layer in self.cross:
             x = layer(x0, x)
-        deep = x if self.cfg.ranker_structure == "stacked" else x0
+        deep = x if self.cfg.structure == "stacked" else x0
         for layer in self.deep:
             deep = self.dropout(nnx.relu(layer(deep)))
-        top = deep if self.cfg.ranker_structure == "stacked" else jnp.concatenate([x, deep], -1)
+        top = deep if self.cfg.structure == "stacked" else jnp.concatenate([x, deep], -1)
         correction_BxN = self.out(top).reshape(b, n)
         return self.dot_scale[...] * score_BxN + correction_BxN

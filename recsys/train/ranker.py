@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import pathlib
 
 import jax
@@ -14,7 +15,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from recsys import sharding
-from recsys.config import Config, ConfigError
+from recsys.config import Config, RankerConfig
 from recsys.data.dataset import Dataset
 from recsys.eval import metrics, protocol
 from recsys.models import losses
@@ -35,39 +36,44 @@ from recsys.train.ranker_data import (
 )
 
 # Model fields that decide the ranker's parameter shapes: other values refuse a checkpoint.
-SHAPE_FIELDS = ("out_dim", "ranker_hidden_dims", "ranker_embed_dim", "ranker_cross_layers",
-                "ranker_cross_rank", "ranker_structure", "ranker_use_ids", "ranker_use_vectors")
+SHAPE_FIELDS = ("hidden_dims", "embed_dim", "cross_layers", "cross_rank", "structure", "use_ids",
+                "use_vectors")
 EVAL_BLOCK = 64  # validation events scored per jitted call (one compiled shape)
 STATS_EVENTS = 1024  # training events whose candidates give the input standardisation
 CV_EVAL_EVENTS = 4096  # held-out events scored per K-fold evaluation (a seeded subset beyond)
 
 
-def ranker_loss(model, batch: dict, cfg):
+def ranker_loss(model, batch: dict, rc: RankerConfig):
     """Column 0 is the true item: listwise softmax over the row, or pointwise sigmoid BCE."""
     scores_BxN = model(batch)
-    if cfg.ranker_loss == "bce":
+    if rc.loss == "bce":
         labels_BxN = jnp.zeros_like(scores_BxN).at[:, 0].set(1.0)
         return optax.sigmoid_binary_cross_entropy(scores_BxN, labels_BxN).sum(1).mean()
     return losses.softmax_cross_entropy(scores_BxN, jnp.zeros(scores_BxN.shape[0], jnp.int32))
 
 
-def make_optimizer(tc) -> optax.GradientTransformation:
-    """Adam at ranker_learning_rate; adamw when ranker_weight_decay > 0 (never on dot_scale)."""
-    if tc.ranker_weight_decay <= 0:
-        return optax.adam(tc.ranker_learning_rate)
-    return optax.adamw(tc.ranker_learning_rate, weight_decay=tc.ranker_weight_decay,
+def _ranker_loss_of(model, batch: dict, _tc, *, rc: RankerConfig):
+    return ranker_loss(model, batch, rc)  # make_train_step hands every loss the TrainConfig
+
+
+def make_optimizer(rc: RankerConfig) -> optax.GradientTransformation:
+    """Adam at ranker.learning_rate; adamw when ranker.weight_decay > 0 (never on dot_scale)."""
+    if rc.weight_decay <= 0:
+        return optax.adam(rc.learning_rate)
+    return optax.adamw(rc.learning_rate, weight_decay=rc.weight_decay,
                        mask=lambda params: jax.tree.map(lambda x: x.ndim > 0, params))
 
 
 def build_model(cfg: Config, ds: Dataset, rngs: nnx.Rngs, stats=None) -> Ranker:
-    return Ranker(cfg.model, vocabularies(ds), ds.history_len, rngs, stats)
+    return Ranker(cfg.ranker, vocabularies(ds), ds.history_len, rngs, stats,
+                  vector_dim=cfg.model.out_dim, temperature=cfg.model.temperature)
 
 
 def train_ranker(cfg: Config, ds: Dataset, retrieval: Trained, workdir: pathlib.Path,
                  mesh: jax.sharding.Mesh) -> tuple[Trained, RankerTables]:
     """Trains the ranker; returns it and the tables serving reads (from the served retrieval).
 
-    Where events come from is train.ranker_events (see `ranker_events`); the ranker reads the
+    Where events come from is ranker.events (see `ranker_events`); the ranker reads the
     features of the retrieval model that never trained on them, as serving will at test time.
     """
     workdir = pathlib.Path(workdir)
@@ -96,23 +102,23 @@ def ranker_events(cfg: Config, ds: Dataset, retrieval: Trained, workdir: pathlib
     validation: every user's validation event, scored by a retrieval model trained without it
       (trained_on=train; the served one when it is already), so its features look exactly as
       test events' do to the served model.
-    holdout: the latest ranker_holdout_events of every user, scored by a shadow retrieval model
+    holdout: the latest ranker.holdout_events of every user, scored by a shadow retrieval model
       trained without them (recsys.train.ranker_data.holdout_dataset).
     training: the served model's own training events (its scores there are over-confident).
     """
-    tc = cfg.train
-    if tc.ranker_events == "validation":
+    tc, rc = cfg.train, cfg.ranker
+    if rc.events == "validation":
         model = retrieval
         if cfg.data.trained_on != "train":
             fresh = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, trained_on="train"))
             model = train_retrieval(fresh, ds, workdir / "ranker_validation", mesh)
         return model, ds.eval_positions("val")
-    if tc.ranker_events == "holdout":
-        shadow_ds, train_pos, val_pos = holdout_dataset(ds, tc.ranker_holdout_events)
+    if rc.events == "holdout":
+        shadow_ds, train_pos, val_pos = holdout_dataset(ds, rc.holdout_events)
         shadow = train_retrieval(cfg, shadow_ds, workdir / "ranker_holdout", mesh)
         return shadow, np.union1d(train_pos, val_pos)
     positions = ds.train_positions(cfg.data.trained_on)
-    wanted = min(len(positions), tc.ranker_steps * tc.ranker_batch_size)
+    wanted = min(len(positions), rc.steps * rc.batch_size)
     return retrieval, np.sort(np.random.default_rng(tc.seed).choice(positions, wanted, False))
 
 
@@ -120,23 +126,21 @@ def fit_ranker(cfg: Config, ds: Dataset, tables: RankerTables, events: Events,
                workdir: pathlib.Path, mesh, made_for: dict) -> Trained:
     """Trains (or restores from workdir) a ranker on listwise batches of `events`.
 
-    The number of steps is chosen by K-fold cross-validation over users (train.ranker_folds):
+    The number of steps is chosen by K-fold cross-validation over users (ranker.folds):
     K models train in lockstep, each on the events of the other folds, and the mean validation
-    NDCG@10 of their held-out folds, every ranker_eval_every steps, picks the step count (with
+    NDCG@10 of their held-out folds, every ranker.eval_every steps, picks the step count (with
     patience); then one model trains on every event for that many steps. `made_for`: the step
     counts of the retrieval models the inputs came from, saved with the ranker; a checkpoint
     made for other ones is stale and the ranker is trained again.
     """
-    tc = cfg.train
-    if tc.ranker_folds < 2:
-        raise ConfigError(f"train.ranker_folds={tc.ranker_folds}: cross-validation needs >= 2 folds")
+    tc, rc = cfg.train, cfg.ranker
     sample = events.take(np.arange(min(len(events.positions), STATS_EVENTS)))
     stats = numeric_stats([batch_inputs(tables, sample, sample.candidates)])
     graphdef, state, shardings = state_lib.create(
-        lambda rngs: build_model(cfg, ds, rngs, stats), make_optimizer(tc), tc.seed + 1, mesh)
+        lambda rngs: build_model(cfg, ds, rngs, stats), make_optimizer(rc), tc.seed + 1, mesh)
     mngr = checkpoint.make_manager(workdir / "checkpoints" / "ranker", tc)
     expected = checkpoint.as_json({
-        **{f"model.{k}": getattr(cfg.model, k) for k in SHAPE_FIELDS},
+        **{f"ranker.{k}": getattr(rc, k) for k in SHAPE_FIELDS}, "model.out_dim": cfg.model.out_dim,
         "data.history_len": ds.history_len,
         **{f"vocab.{k}": v for k, v in dataclasses.asdict(vocabularies(ds)).items()}})
     with contextlib.closing(mngr):  # closed on errors too: no orbax threads left behind
@@ -146,8 +150,9 @@ def fit_ranker(cfg: Config, ds: Dataset, tables: RankerTables, events: Events,
             state, meta = restored
             out = {k: v for k, v in meta.items() if k.startswith("ranker/")}
         else:
-            train_step = steps.make_train_step(graphdef, ranker_loss, tc, shardings, mesh)
-            fold_E = fold_of(events, tc.ranker_folds, tc.seed)
+            loss_fn = functools.partial(_ranker_loss_of, rc=rc)
+            train_step = steps.make_train_step(graphdef, loss_fn, tc, shardings, mesh)
+            fold_E = fold_of(events, rc.folds, tc.seed)
             out = _cross_validate(cfg, ds, graphdef, state, train_step, tables, events, fold_E, mesh)
             retrieved = retrieved_only(events)
             state, loss = _train(cfg, ds, train_step, _copy(state), tables, retrieved,
@@ -174,14 +179,14 @@ def _copy(state):
 def _train(cfg: Config, ds: Dataset, train_step, state, tables, events: Events, num_steps: int,
            mesh, fold: int, first_step: int = 0):
     """Steps first_step .. num_steps on listwise batches of `events` (seeded by fold and step)."""
-    tc = cfg.train
-    rows = sharding.process_rows(mesh, tc.ranker_batch_size)  # this process's rows of a batch
+    tc, rc = cfg.train, cfg.ranker
+    rows = sharding.process_rows(mesh, rc.batch_size)  # this process's rows of a batch
     loss = float("nan")
     with jax.set_mesh(mesh):
         for step in range(first_step, num_steps):
             rng = np.random.default_rng([tc.seed, fold + 1, step])
-            ev = events.take(rng.choice(len(events.positions), tc.ranker_batch_size))
-            cand = listwise_rows(ev, tc.ranker_negatives, tc.ranker_random_negatives, rng,
+            ev = events.take(rng.choice(len(events.positions), rc.batch_size))
+            cand = listwise_rows(ev, rc.negatives, rc.random_negatives, rng,
                                  ds.num_items)
             batch = batch_inputs(tables, ev, cand)
             state, loss_arr = train_step(state, sharding.shard_batch(
@@ -194,9 +199,9 @@ def _train(cfg: Config, ds: Dataset, train_step, state, tables, events: Events, 
 def _cross_validate(cfg: Config, ds: Dataset, graphdef, state0, train_step, tables,
                     events: Events, fold_E: np.ndarray, mesh) -> dict:
     """Trains one model per fold in lockstep; returns the chosen steps and validation metrics."""
-    tc = cfg.train
-    k = tc.ranker_folds
-    every = tc.ranker_eval_every or tc.ranker_steps
+    tc, rc = cfg.train, cfg.ranker
+    k = rc.folds
+    every = rc.eval_every or rc.steps
     pools = [retrieved_only(events.take(np.flatnonzero(fold_E != f))) for f in range(k)]
     rng = np.random.default_rng([tc.seed, 11])
     held = [events.take(np.sort(rng.permutation(np.flatnonzero(fold_E == f))[:CV_EVAL_EVENTS // k]))
@@ -205,10 +210,10 @@ def _cross_validate(cfg: Config, ds: Dataset, graphdef, state0, train_step, tabl
     # Step 0 is the retrieval order itself (the correction starts at zero).
     curve = {0: _mean_val(graphdef, states, tables, held)}
     best, bad, step = 0, 0, 0
-    bar = tqdm(total=tc.ranker_steps, desc=f"ranker ({k}-fold)", dynamic_ncols=True,
+    bar = tqdm(total=rc.steps, desc=f"ranker ({k}-fold)", dynamic_ncols=True,
                disable=True if jax.process_index() != 0 else None)
-    while step < tc.ranker_steps:
-        nxt = min(step + every, tc.ranker_steps)
+    while step < rc.steps:
+        nxt = min(step + every, rc.steps)
         states = [_train(cfg, ds, train_step, s, tables, pool, nxt, mesh, f, step)[0]
                   for f, (s, pool) in enumerate(zip(states, pools))]
         bar.update(nxt - step)
@@ -219,7 +224,7 @@ def _cross_validate(cfg: Config, ds: Dataset, graphdef, state0, train_step, tabl
             best, bad = step, 0
         else:
             bad += 1
-            if tc.ranker_patience and bad >= tc.ranker_patience:
+            if rc.patience and bad >= rc.patience:
                 break
     bar.close()
     return {"ranker/steps": best, "ranker/cv_steps": step, **curve[best],

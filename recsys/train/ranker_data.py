@@ -2,7 +2,7 @@
 
 A retrieval model is over-confident on the events it was trained on (their targets score far
 higher than any unseen test target does), so a ranker trained on those events learns to trust
-the retrieval score too much. With `train.ranker_events=holdout`, a *shadow* retrieval model
+the retrieval score too much. With `ranker.events=holdout`, a *shadow* retrieval model
 with the same config is trained on every user's events except the latest m + 1
 (m = ranker_holdout_events), and the ranker learns from those held-out events (the real
 validation event among them), which look to the shadow as test events look to the served
