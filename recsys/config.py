@@ -65,6 +65,9 @@ class DataConfig(_Section):
     min_user_events: int = 3  # users with fewer events are dropped (need train, validation, test)
     max_examples_per_user: int = 0  # cap on training targets per user (0 = no cap)
     trained_on: Literal["train+val", "train"] = "train+val"  # train: validation only for early stopping
+    # Events whose item is not in the catalogue (e.g. missing from movies.csv): counted and
+    # reported, then dropped, or refused with an error naming the first one.
+    unknown_items: Literal["drop", "fail"] = "drop"
 
     def _check(self) -> None:
         for name in ("num_users", "num_items", "history_len"):

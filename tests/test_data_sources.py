@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from recsys.config import DataConfig
+from recsys.config import ConfigError, DataConfig
 from recsys.data import movielens, sources, synthetic
 from recsys.data.schema import DataError, ItemInfo, RawData
 
@@ -239,5 +239,22 @@ def test_tfds_errors_and_sources_dispatch(tmp_path, ml100k):
     back = sources.load_raw(DataConfig(source="tfds", path=str(tmp_path / "tfds")))
     np.testing.assert_array_equal(back.users.features, raw.users.features)
     assert len(sources.load_raw(SMALL).user_ids) > 0
-    with pytest.raises(DataError, match="data.source='parquet'"):
+    with pytest.raises(ConfigError, match="data.source='parquet'"):
         sources.load_raw(DataConfig(source="parquet"))
+
+
+def test_ratings_of_items_missing_from_the_catalogue_are_counted_and_can_be_refused(
+        tmp_path, caplog):
+    from recsys.data import dataset
+    root = _write_latest(tmp_path / "ml-latest-orphans")
+    (root / "ratings.csv").write_text(
+        "userId,movieId,rating,timestamp\n" + "".join(
+            f"1,{item},4.0,{964982700 + i}\n" for i, item in enumerate([1, 2, 3, 99, 1, 2])))
+    raw = movielens.read(root)
+    cfg = DataConfig(source="movielens", path=str(root))
+    with caplog.at_level("WARNING"):
+        ds = dataset.build(raw, cfg)
+    assert ds.unknown_item_events == 1 and len(ds.seq_items) == 5
+    assert "1 of 6 events" in caplog.text and "item 99" in caplog.text
+    with pytest.raises(DataError, match=r"1 of 6 events .*item 99.*unknown_items=fail"):
+        dataset.build(raw, dataclasses.replace(cfg, unknown_items="fail"))

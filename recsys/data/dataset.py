@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import numpy as np
 
-from recsys.config import NUM_YEAR_BUCKETS, DataConfig
+from recsys.config import DataConfig
 from recsys.data.schema import DataError, RawData
 from recsys.data.vocab import Vocab
+from recsys.features import year_bucket
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +51,7 @@ class Dataset:
     genre_names: tuple[str, ...]
     item_titles: np.ndarray | None  # [V] str, row 0 empty
     history_len: int
+    unknown_item_events: int = 0  # events dropped because their item is not in the catalogue
 
     @property
     def num_items(self) -> int:
@@ -113,13 +116,6 @@ def _ranges(start: np.ndarray, end: np.ndarray) -> np.ndarray:
     return first + np.arange(total, dtype=np.int64)
 
 
-def year_bucket(year: np.ndarray) -> np.ndarray:
-    """5-year buckets of release years (1900-1904 is 1, ...; clipped), 0 where unknown (<= 0)."""
-    year = np.asarray(year)
-    bucket = np.clip((year - 1900) // 5 + 1, 1, NUM_YEAR_BUCKETS - 1)
-    return np.where(year > 0, bucket, 0).astype(np.int32)
-
-
 def build(raw: RawData, cfg: DataConfig) -> Dataset:
     """Indexes a RawData: drops unknown items and short users, sorts each user's events by time."""
     items = Vocab(raw.items.ids)
@@ -127,6 +123,15 @@ def build(raw: RawData, cfg: DataConfig) -> Dataset:
         raise DataError(f"{raw.name}: the item catalogue has duplicate ids")
     item_idx = items.lookup(raw.item_ids)
     keep = item_idx > 0
+    unknown = len(keep) - int(keep.sum())
+    if unknown:
+        first = np.asarray(raw.item_ids)[np.argmin(keep)].item()
+        what = (f"{raw.name}: {unknown} of {len(keep)} events ({unknown / len(keep):.2%}) name "
+                f"items missing from the catalogue (first: item {first!r})")
+        if cfg.unknown_items == "fail":
+            raise DataError(f"{what}; data.unknown_items=fail refuses them")
+        logging.getLogger(__name__).warning("%s; dropped (data.unknown_items=fail refuses them)",
+                                            what)
     user_raw = np.asarray(raw.user_ids)[keep]
     counts_by_raw = Vocab(user_raw)
     user_idx_all = counts_by_raw.lookup(user_raw)
@@ -149,7 +154,7 @@ def build(raw: RawData, cfg: DataConfig) -> Dataset:
         seq_users=seq_users.astype(np.int32), seq_items=seq_items.astype(np.int32),
         seq_times=seq_times, features=_feature_tables(raw, items, users),
         genre_names=tuple(raw.items.genre_names), item_titles=_titles(raw, items),
-        history_len=cfg.history_len)
+        history_len=cfg.history_len, unknown_item_events=unknown)
 
 
 def _feature_tables(raw: RawData, items: Vocab, users: Vocab) -> FeatureTables:
