@@ -1,14 +1,16 @@
 """Serving latency per stage and batched throughput of `Recommender`, with a compilation count.
 
-    python -m benchmarks.serving --artifacts runs/ml-small/artifacts \
-        --synthetic-items 1000000 --json runs/serving.json
+    python -m benchmarks.serving --artifacts runs/pipeline/seed0/artifacts \
+        --synthetic-items 1000000 --requests 1000 --json docs/serving.json
 
 For each artifacts directory (a real one, and a synthetic catalogue built here with a short
 pipeline run, where ScaNN is really approximate): load + warm-up time; then single requests of
 random known users, one at a time, with p50/p99 wall milliseconds per stage and in total; the
 same for the query tower + index search alone (the baseline, measured in the same run); and
 batched requests per second. Every JAX compilation during the measured requests is counted (it
-must be 0). The load average is recorded beside the figures (the machine may be shared).
+must be 0). The load average is recorded beside the figures (the machine may be shared), with
+the commit and the recsys source hash; docs/serving.json is the input of the serving table in
+docs/results.md (python -m benchmarks.report).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import time
 import jax
 import numpy as np
 
+from benchmarks import provenance
 from recsys.serve import Recommender
 from recsys.serve.recommender import STAGES
 
@@ -40,7 +43,7 @@ def measure(artifacts: pathlib.Path, num_requests: int, seed: int = 0) -> dict:
     rec = Recommender.load(artifacts)
     load_s = time.perf_counter() - t0
     rng = np.random.default_rng(seed)
-    users = rec.a.users.ids[rng.integers(0, len(rec.a.users.ids), num_requests)].tolist()
+    users = rec.artifacts.users.ids[rng.integers(0, len(rec.artifacts.users.ids), num_requests)].tolist()
     for u in users[:50]:  # warm caches (numpy, ScaNN); compiles happened in load
         rec.recommend(user_id=u, k=10)
     compiles = []
@@ -61,12 +64,14 @@ def measure(artifacts: pathlib.Path, num_requests: int, seed: int = 0) -> dict:
         baseline = []
         for u in users:
             start = time.perf_counter()
-            row = rec.a.users.lookup([u])
-            hist = rec.a.history_items[rec.a.history_offsets[row[0]]:rec.a.history_offsets[row[0] + 1]]
-            h = np.zeros((1, rec.history_len), np.int32)
-            tail = hist[-rec.history_len:]
-            h[0, rec.history_len - len(tail):] = tail
-            rec.a.searcher.search(rec._query_vectors(h, row.astype(np.int32)), rec.num_candidates)
+            a, length = rec.artifacts, rec.retriever.history_len
+            row = a.users.lookup([u])
+            hist = a.history_items[a.history_offsets[row[0]]:a.history_offsets[row[0] + 1]]
+            h = np.zeros((1, length), np.int32)
+            tail = hist[-length:]
+            h[0, length - len(tail):] = tail
+            a.searcher.search(rec.retriever.query_vectors(h, row.astype(np.int32)),
+                              rec.num_candidates)
             baseline.append((time.perf_counter() - start) * 1e3)
         batched = {}
         for b in (64, 256):
@@ -79,7 +84,7 @@ def measure(artifacts: pathlib.Path, num_requests: int, seed: int = 0) -> dict:
         jax.monitoring.unregister_event_duration_listener(listener)
     single = {s: _percentiles(v) for s, v in stages.items()}
     base = _percentiles(baseline)
-    return {"num_items": int(rec.a.manifest["num_items"]), "index": rec.a.manifest.get("index"),
+    return {"num_items": int(rec.artifacts.manifest["num_items"]), "index": rec.artifacts.manifest.get("index"),
             "num_candidates": rec.num_candidates, "load_and_warmup_s": round(load_s, 2),
             "single_request": single, "baseline_query_tower_plus_index": base,
             "total_over_baseline_p50": round(single["total"]["p50_ms"] / base["p50_ms"], 2),
@@ -121,7 +126,7 @@ def main() -> None:
     result = {"load_average_before": os.getloadavg(), "cpus": os.cpu_count(),
               "jax": jax.__version__,
               "runs": {name: measure(d, args.requests) for name, d in dirs.items()},
-              "load_average_after": os.getloadavg()}
+              "load_average_after": os.getloadavg(), "provenance": provenance.record()}
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:

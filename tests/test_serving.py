@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from recsys.artifacts import ArtifactError
+from recsys.config import ConfigError
 from recsys.serve import Recommender, RequestError
 from recsys.serve.requests import FIELDS
 
@@ -20,13 +21,13 @@ def rec(tiny_run):
 
 
 def seen_of(rec, user):
-    row = rec.a.users.lookup([user])[0]
-    rows = rec.a.history_items[rec.a.history_offsets[row]:rec.a.history_offsets[row + 1]]
-    return rec.a.items.raw(rows).tolist()
+    row = rec.artifacts.users.lookup([user])[0]
+    rows = rec.artifacts.history_items[rec.artifacts.history_offsets[row]:rec.artifacts.history_offsets[row + 1]]
+    return rec.artifacts.items.raw(rows).tolist()
 
 
 def users(rec, n):
-    return [u.item() for u in rec.a.users.ids[:n]]
+    return [u.item() for u in rec.artifacts.users.ids[:n]]
 
 
 def test_known_and_new_users_get_unseen_items_with_stage_timings(rec):
@@ -46,7 +47,7 @@ def test_known_and_new_users_get_unseen_items_with_stage_timings(rec):
 
 
 def test_cold_start_serves_popular_items_through_the_same_rules(rec):
-    popular = rec.a.items.raw(rec._popular[:50]).tolist()
+    popular = rec.artifacts.items.raw(rec.retriever.popular[:50]).tolist()
     cold = rec.recommend(user_id="nobody", k=5, exclude=popular[:2])
     assert cold.cold_start and cold.unknown_ids == ["nobody"] and len(cold.items) == 5
     assert set(cold.items) <= set(popular) and not set(cold.items) & set(popular[:2])
@@ -60,22 +61,22 @@ def test_filters_and_availability_never_serve_a_banned_item(rec, tiny_run):
     col = {g: i for i, g in enumerate(genres)}
     for user in users(rec, 8):
         out = rec.recommend(user_id=user, k=10, filters={"genres_not": genres[:2]})
-        rows = rec.a.items.lookup(out.items)
-        assert out.items and not rec.a.item_genres[rows][:, [col[genres[0]], col[genres[1]]]].any()
+        rows = rec.artifacts.items.lookup(out.items)
+        assert out.items and not rec.artifacts.item_genres[rows][:, [col[genres[0]], col[genres[1]]]].any()
         out = rec.recommend(user_id=user, k=10, filters={"genres_any": [genres[3]]})
-        assert rec.a.item_genres[rec.a.items.lookup(out.items), col[genres[3]]].all()
-    mid = int(np.median(rec.a.item_year[rec.a.item_year > 0]))
+        assert rec.artifacts.item_genres[rec.artifacts.items.lookup(out.items), col[genres[3]]].all()
+    mid = int(np.median(rec.artifacts.item_year[rec.artifacts.item_year > 0]))
     year = 1900 + 5 * (mid - 1)  # the first year of a middle bucket
     out = rec.recommend(user_id=users(rec, 1)[0], k=10, filters={"year_min": year})
-    assert (rec.a.item_year[rec.a.items.lookup(out.items)] >= mid).all()
+    assert (rec.artifacts.item_year[rec.artifacts.items.lookup(out.items)] >= mid).all()
     # Year bounds compare release years exactly, not their 5-year buckets.
-    release = rec.a.item_release_year
+    release = rec.artifacts.item_release_year
     single = int(np.median(release[release > 0]))
-    assert len(set(release[(release > 0) & (rec.a.item_year == rec.a.item_year[
+    assert len(set(release[(release > 0) & (rec.artifacts.item_year == rec.artifacts.item_year[
         np.flatnonzero(release == single)[0]])])) > 1, "the bucket should hold other years"
     for user in users(rec, 4):
         out = rec.recommend(user_id=user, k=5, filters={"year_min": single, "year_max": single})
-        assert out.items and (release[rec.a.items.lookup(out.items)] == single).all()
+        assert out.items and (release[rec.artifacts.items.lookup(out.items)] == single).all()
     # Unavailable items disappear for every request, and come back.
     user = users(rec, 3)[2]
     before = rec.recommend(user_id=user, k=10).items
@@ -86,9 +87,9 @@ def test_filters_and_availability_never_serve_a_banned_item(rec, tiny_run):
     assert rec.recommend(user_id=user, k=10).items == before
     # Config-level rules apply to every request.
     strict = Recommender.load(tiny_run[0] / "artifacts", warmup=False,
-                              filters=f'{{"genres_not": ["{genres[0]}"]}}')
-    rows = strict.a.items.lookup(strict.recommend(user_id=user, k=10).items)
-    assert not strict.a.item_genres[rows, col[genres[0]]].any()
+                              filter_genres_not=(genres[0],))
+    rows = strict.artifacts.items.lookup(strict.recommend(user_id=user, k=10).items)
+    assert not strict.artifacts.item_genres[rows, col[genres[0]]].any()
 
 
 def test_mmr_caps_and_exploration(rec):
@@ -96,16 +97,16 @@ def test_mmr_caps_and_exploration(rec):
     us = users(rec, 40)
 
     def lists(**opts):
-        return np.array([rec.a.items.lookup(rec.recommend(user_id=u, k=10, **opts).items)
+        return np.array([rec.artifacts.items.lookup(rec.recommend(user_id=u, k=10, **opts).items)
                          for u in us])
 
     top = lists()
     mmr = lists(ordering="mmr", mmr_lambda=0.2)
-    assert intra_list_diversity(mmr, rec.a.item_genres) > intra_list_diversity(top, rec.a.item_genres)
+    assert intra_list_diversity(mmr, rec.artifacts.item_genres) > intra_list_diversity(top, rec.artifacts.item_genres)
     np.testing.assert_array_equal(lists(ordering="mmr", mmr_lambda=1.0), top)
     for u in us:  # a cap may leave fewer than k items; never more than 2 of a genre
-        rows = rec.a.items.lookup(rec.recommend(user_id=u, k=10, genre_cap=2).items)
-        assert len(rows) and (rec.a.item_genres[rows].sum(0) <= 2).all()
+        rows = rec.artifacts.items.lookup(rec.recommend(user_id=u, k=10, genre_cap=2).items)
+        assert len(rows) and (rec.artifacts.item_genres[rows].sum(0) <= 2).all()
     a = lists(ordering="explore", temperature=5.0, seed=1)
     np.testing.assert_array_equal(a, lists(ordering="explore", temperature=5.0, seed=1))
     assert (a != lists(ordering="explore", temperature=5.0, seed=2)).any()
@@ -116,15 +117,15 @@ def test_extra_sources_add_item_neighbours_and_popular_items(tiny_run):
     art = tiny_run[0] / "artifacts"
     rec = Recommender.load(art, warmup=False, num_candidates=4, recent_items=1,
                            neighbours_per_item=4)
-    item = rec.a.items.raw([7])[0].item()
-    v = rec.a.item_vectors
+    item = rec.artifacts.items.raw([7])[0].item()
+    v = rec.artifacts.item_vectors
     near = np.argsort(-(v @ v[7]))
     near = [r for r in near if r not in (0, 7)][:4]
     out = rec.recommend(history=[item], k=4)
-    assert set(rec.a.items.lookup(out.items)) <= set(near)
+    assert set(rec.artifacts.items.lookup(out.items)) <= set(near)
     pop = Recommender.load(art, warmup=False, num_candidates=3, popular_candidates=3)
     out = pop.recommend(user_id=users(pop, 1)[0], k=3, exclude_seen=False)
-    assert set(pop.a.items.lookup(out.items)) == set(pop._popular[:3])
+    assert set(pop.artifacts.items.lookup(out.items)) == set(pop.retriever.popular[:3])
 
 
 def test_no_compilation_after_warmup_over_varied_requests(rec):
@@ -178,24 +179,57 @@ def test_many_threads_get_the_same_answers_as_one(rec):
     ({"colour": 1}, "colour"),
 ])
 def test_bad_requests_name_the_field_and_serving_continues(rec, kwargs, field):
-    with pytest.raises(RequestError) as err:
-        rec.recommend(**kwargs)
-    assert err.value.field == field and isinstance(err.value, ValueError)
+    calls = [lambda: rec.recommend_batch([kwargs])]
+    if set(kwargs) <= set(FIELDS):  # an unknown keyword of recommend() is Python's TypeError
+        calls.append(lambda: rec.recommend(**kwargs))
+    for call in calls:
+        with pytest.raises(RequestError) as err:
+            call()
+        assert err.value.field == field and isinstance(err.value, ValueError)
     assert len(rec.recommend(history=[], k=2).items) == 2
     assert set(FIELDS) >= {"user_id", "history", "k", "exclude", "filters"}
 
 
+@pytest.mark.parametrize("option, value", [
+    ("ordering", "bogus"), ("mmr_lambda", 5), ("mmr_lambda", float("nan")), ("mmr_lambda", "0.5"),
+    ("genre_cap", -3), ("genre_cap", 2**40), ("genre_cap", 2.0), ("explore_temperature", 0),
+    ("explore_temperature", 10**400), ("num_candidates", 0), ("num_candidates", True),
+    ("mmr_similarity", "words"), ("exclude_seen", "no"), ("filter_genres_not", ("no-such-genre",)),
+    ("filter_genres_any", "Drama"), ("filter_year_min", 2**63), ("no_such_option", 1),
+])
+def test_bad_load_options_are_refused_at_load_naming_the_field(tiny_run, option, value):
+    with pytest.raises(ConfigError, match=rf"^serve\.{option}\b"):
+        Recommender.load(tiny_run[0] / "artifacts", warmup=False, **{option: value})
+    assert issubclass(ConfigError, ValueError)
+
+
+def test_load_options_of_the_right_type_are_taken(tiny_run):
+    rec = Recommender.load(tiny_run[0] / "artifacts", warmup=False, num_candidates=np.int64(50),
+                           mmr_lambda=1, filter_genres_any=["Genre-0"], filter_year_min=1990)
+    assert rec.cfg.num_candidates == 50 and rec.cfg.mmr_lambda == 1.0
+    assert rec.cfg.filter_genres_any == ("Genre-0",) and rec.num_candidates == 50
+
+
+def test_stored_json_filters_of_older_artifacts_are_refused_not_dropped():
+    from recsys.serve.requests import serve_config
+    with pytest.raises(ConfigError, match="serve.filters"):
+        serve_config({"filters": '{"year_min": 1990}'}, {})
+    assert serve_config({"filters": "", "genre_cap": 2}, {}).genre_cap == 2
+
+
 def test_partial_or_corrupt_artifacts_are_refused(tiny_run, tmp_path):
     copy = tmp_path / "art"
-    shutil.copytree(tiny_run[0] / "artifacts", copy)
-    (copy / "ranker.jax").unlink()
+    shutil.copytree(tiny_run[0] / "artifacts", copy, symlinks=True)
+    files = next(copy.rglob("manifest.json")).parent  # the root, or the version it points to
+    ranker = (files / "ranker.jax").read_bytes()
+    (files / "ranker.jax").unlink()
     with pytest.raises(ArtifactError, match="ranker.jax is missing"):
         Recommender.load(copy)
-    (copy / "item_vectors.npy").write_bytes(b"garbage")
-    shutil.copy(tiny_run[0] / "artifacts" / "ranker.jax", copy / "ranker.jax")
+    (files / "item_vectors.npy").write_bytes(b"garbage")
+    (files / "ranker.jax").write_bytes(ranker)
     with pytest.raises(ArtifactError, match="item_vectors.npy"):
         Recommender.load(copy)
-    (copy / "manifest.json").unlink()
+    (files / "manifest.json").unlink()
     with pytest.raises(ArtifactError, match="manifest.json"):
         Recommender.load(copy)
 
@@ -205,13 +239,14 @@ def test_artifacts_without_release_years_filter_by_year_bucket(rec):
     from recsys.data.dataset import year_bucket
     from recsys.serve import filtering
     user = users(rec, 1)[0]
-    req = rec._parse({"user_id": user, "filters": {"year_min": 1991, "year_max": 1993}})
-    cand = np.arange(1, len(rec.a.item_vectors))[None, :]
-    args = (cand, rec.availability.mask, rec.a.item_genres, rec.a.item_year, rec.genre_names)
+    req = rec.parser.parse({"user_id": user, "filters": {"year_min": 1991, "year_max": 1993}})
+    cand = np.arange(1, len(rec.artifacts.item_vectors))[None, :]
+    art = rec.artifacts
+    args = (cand, rec.filter.availability.mask, art.item_genres, art.item_year, rec.genre_names)
     by_bucket = filtering.allowed([req], *args)[0]
-    exact = filtering.allowed([req], *args, rec.a.item_release_year)[0]
+    exact = filtering.allowed([req], *args, rec.artifacts.item_release_year)[0]
     bucket = year_bucket(1991)
-    assert (rec.a.item_year[cand[0][by_bucket]] == bucket).all()
-    assert ((rec.a.item_release_year[cand[0][exact]] >= 1991)
-            & (rec.a.item_release_year[cand[0][exact]] <= 1993)).all()
+    assert (rec.artifacts.item_year[cand[0][by_bucket]] == bucket).all()
+    assert ((rec.artifacts.item_release_year[cand[0][exact]] >= 1991)
+            & (rec.artifacts.item_release_year[cand[0][exact]] <= 1993)).all()
     assert exact.sum() < by_bucket.sum()

@@ -7,6 +7,7 @@ import threading
 import numpy as np
 
 from recsys.data.dataset import year_bucket
+from recsys.serve.artifacts import Loaded
 from recsys.serve.requests import Request
 
 
@@ -30,6 +31,23 @@ class Availability:
             mask[np.asarray(rows, np.int64)] = available
             mask[0] = False
             self._mask = mask
+
+
+class Filter:
+    """Stage 2 over one artifacts directory's item attributes and the live availability set."""
+
+    def __init__(self, loaded: Loaded, genre_names: tuple[str, ...], num_candidates: int):
+        self.availability = Availability(len(loaded.item_vectors))
+        self._loaded = loaded
+        self._genre_names = genre_names
+        self._n = num_candidates
+
+    def first_allowed(self, reqs: list[Request], cand_BxM: np.ndarray) -> np.ndarray:
+        """[B, N] rows: the first N candidates of each request that no rule bans (-1 padded)."""
+        art = self._loaded
+        ok_BxM = allowed(reqs, cand_BxM, self.availability.mask, art.item_genres, art.item_year,
+                         self._genre_names, art.item_release_year)
+        return first_allowed(cand_BxM, ok_BxM, self._n)
 
 
 def allowed(reqs: list[Request], cand_BxM: np.ndarray, available_V: np.ndarray,
@@ -89,13 +107,3 @@ def first_allowed(cand_BxM: np.ndarray, ok_BxM: np.ndarray, n: int) -> np.ndarra
     if out.shape[1] < n:
         out = np.concatenate([out, np.full((len(out), n - out.shape[1]), -1, out.dtype)], 1)
     return out
-
-
-def dedupe(cand_BxM: np.ndarray, num_rows: int) -> np.ndarray:
-    """Later repeats of a row within each request's list become -1 (first occurrence kept)."""
-    b, m = cand_BxM.shape
-    keys = (np.arange(b)[:, None] * (num_rows + 1) + cand_BxM + 1).ravel()
-    _, first = np.unique(keys, return_index=True)
-    keep = np.zeros(b * m, bool)
-    keep[first] = True
-    return np.where(keep.reshape(b, m), cand_BxM, -1)

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from recsys.serve.requests import Policy
+from recsys.serve.requests import Policy, Request
+
+
+def order_batch(reqs: list[Request], cand_BxN: np.ndarray, score_BxN: np.ndarray, *,
+                item_vectors: np.ndarray, item_genres: np.ndarray,
+                similarity: str) -> list[np.ndarray]:
+    """Each request's chosen indices into its row of cand_BxN, in serving order."""
+    return [order(cand_BxN[i], score_BxN[i], r.k, r.policy, item_vectors=item_vectors,
+                  item_genres=item_genres, similarity=similarity, salt=r.user_row)
+            for i, r in enumerate(reqs)]
 
 
 def order(rows_N: np.ndarray, scores_N: np.ndarray, k: int, policy: Policy, *,
