@@ -1,6 +1,6 @@
 """Sharded training on 8 fake CPU devices: throughput, step time vs table rows, memory, equality.
 
-    python -m benchmarks.sharding --json OUT
+    python -m benchmarks.sharding --json docs/sharding.json   # then: python -m benchmarks.report
 
 Writes JSON with:
   examples_per_sec             {devices: examples/s} on (n, 1) meshes of 1, 2, 4, 8 devices
@@ -12,6 +12,7 @@ Writes JSON with:
   table_bytes_per_device_ratio, num_row_shards  one device's shard of the large item table
   max_abs_diff_vs_single_device               parameters after 3 adagrad steps, 8 vs 1 device
   max_abs_diff_vs_single_device_sparse        the same with row-wise Adagrad on the tables
+  provenance                   command, commit, recsys source hash, load average
 Fake devices share the host's cores, so more devices give no speed-up here, and work that
 every device repeats (the sparse path's per-lookup arrays, the dense lookups' gathered
 embeddings) costs 8x; the figures show that sparse step time does not grow with table rows.
@@ -34,11 +35,13 @@ import numpy as np
 
 jax.config.update("jax_num_cpu_devices", 8)
 
+from benchmarks import provenance
 from recsys import sharding
 from recsys.config import MeshConfig, ModelConfig, TrainConfig
 from recsys.models.two_tower import TwoTower, Vocabularies
 from recsys.train import state as state_lib
 from recsys.train import steps
+from recsys.train.negatives import Negatives
 
 MODEL = ModelConfig(embed_dim=32, hidden_dims=(64,), out_dim=32, use_features=False)
 HISTORY = 20  # L: history items per example (the item table is read B * (L + 1) times a step)
@@ -50,7 +53,7 @@ def make_batch(rng, batch_size: int, num_items: int) -> dict:
     return {"user": rng.integers(1, USERS, batch_size).astype(np.int32),
             "history": rng.integers(0, num_items, (batch_size, HISTORY)).astype(np.int32),
             "item": rng.integers(1, num_items, batch_size).astype(np.int32),
-            "log_q": np.full(batch_size, -np.log(num_items), np.float32)}
+            "negatives": Negatives(log_q=np.full(batch_size, -np.log(num_items), np.float32))}
 
 
 class Trainer:
@@ -169,6 +172,7 @@ def main(argv=None) -> dict:
     out["max_abs_diff_vs_single_device"] = single_device_difference("dense")
     out["max_abs_diff_vs_single_device_sparse"] = single_device_difference("rowwise_adagrad")
     out["wall_seconds"] = time.time() - t0
+    out["provenance"] = provenance.record()
     text = json.dumps(out, indent=2)
     print(text)
     if args.json:

@@ -43,11 +43,12 @@ def batch_spec() -> P:
     return P(dict(RULES)["batch"])
 
 
-def shard_batch(batch: dict, mesh: jax.sharding.Mesh) -> dict:
+def shard_batch(batch, mesh: jax.sharding.Mesh):
     """Places this process's rows of a global batch on the mesh, split along the batch axis.
 
-    Each process passes only its own rows: those `process_rows(mesh, global_batch)` names, in
-    that order (global batch / process count of them).
+    `batch` is any pytree of arrays (model inputs, recsys.train.negatives.Negatives), each with
+    rows along its first axis. Each process passes only its own rows: those
+    `process_rows(mesh, rows)` names, in that order (global rows / process count of them).
     """
     sharding = NamedSharding(mesh, batch_spec())
 
@@ -56,7 +57,7 @@ def shard_batch(batch: dict, mesh: jax.sharding.Mesh) -> dict:
         global_shape = (x.shape[0] * jax.process_count(), *x.shape[1:])
         return jax.make_array_from_process_local_data(sharding, x, global_shape)
 
-    return {k: place(v) for k, v in batch.items()}
+    return jax.tree.map(place, batch)
 
 
 def process_rows(mesh: jax.sharding.Mesh, global_batch: int) -> np.ndarray:
@@ -103,10 +104,6 @@ def local_copy(tree):
         return whole.addressable_data(0)
 
     return jax.tree.map(one, tree)
-
-
-def batch_shardings(batch: dict, mesh: jax.sharding.Mesh) -> dict:
-    return {k: NamedSharding(mesh, batch_spec()) for k in batch}
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:

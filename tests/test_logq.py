@@ -11,8 +11,9 @@ from recsys.config import MeshConfig, ModelConfig, TrainConfig
 from recsys.models import losses
 from recsys.models.logq import StreamingLogQ
 from recsys.models.two_tower import TwoTower, Vocabularies
+from recsys.train import checkpoint, steps
 from recsys.train import state as state_lib
-from recsys.train import steps
+from recsys.train.negatives import Negatives
 
 
 def _zipf_stream(num_items, batch, num_steps, seed=0):
@@ -74,21 +75,23 @@ def test_hashing_into_fewer_buckets_merges_colliding_items():
 def test_train_step_counts_items_and_corrects_with_the_streaming_estimate():
     vocab = Vocabularies(num_users=64, num_items=200, num_genres=3)
     model_cfg = ModelConfig(embed_dim=8, hidden_dims=(8,), out_dim=8, use_features=False)
+    # The loss is checked at step 1, before any update, so the rate does not matter (it must be > 0).
     tc = TrainConfig(logq_estimate="streaming", logq_learning_rate=0.1, optimizer="sgd",
-                     learning_rate=0.0)
+                     learning_rate=1e-3)
     mesh = sharding.make_mesh(MeshConfig(data=4, model=2))
     optimizers = state_lib.make_optimizer(tc, logq_rows=vocab.num_items)
     assert optimizers.logq.num_buckets == 256  # the item rows, padded like the table
     graphdef, state, shardings = state_lib.create(lambda rngs: TwoTower(model_cfg, vocab, rngs),
                                                   optimizers, 0, mesh)
     for key in ("last_seen", "gap", "sightings"):  # sharded like the table rows
-        assert state[1]["logq"][key][...].sharding.spec == P(("data", "model"))
+        assert state[2]["logq"][key][...].sharding.spec == P(("data", "model"))
+    assert "logq" not in state[1]  # beside the optimizer, not inside it
     train_step = steps.make_train_step(graphdef, steps.retrieval_loss, tc, shardings, mesh)
     rng = np.random.default_rng(0)
     batch = {"user": rng.integers(1, 64, 32).astype(np.int32),
              "history": rng.integers(0, 200, (32, 4)).astype(np.int32),
              "item": np.repeat(np.arange(1, 17, dtype=np.int32), 2),  # each item twice
-             "log_q": np.zeros(32, np.float32)}  # ignored: the estimate replaces it
+             "negatives": Negatives(log_q=np.zeros(32, np.float32))}  # the estimate replaces it
     model = steps.model_of(graphdef, state)
     q_BxD, c_BxD, temperature = model(batch)
     expected = losses.in_batch_softmax_loss(q_BxD, c_BxD, temperature, batch["item"],
@@ -98,9 +101,54 @@ def test_train_step_counts_items_and_corrects_with_the_streaming_estimate():
             state, loss = train_step(state, sharding.shard_batch(batch, mesh))
             if step == 1:  # gap 1/2 per sighting: q = 2 / 32, the item's share of the batch
                 np.testing.assert_allclose(float(loss), float(expected), rtol=1e-5)
-    last_seen = np.asarray(state[1]["logq"]["last_seen"][...])
+    last_seen = np.asarray(state[2]["logq"]["last_seen"][...])
     assert set(np.flatnonzero(last_seen)) == set(range(1, 17)) and last_seen[1] == 2
-    np.testing.assert_allclose(np.asarray(state[1]["logq"]["gap"][...])[1:17], 0.5)
+    np.testing.assert_allclose(np.asarray(state[2]["logq"]["gap"][...])[1:17], 0.5)
+
+
+def test_streaming_estimate_checkpoints_and_continues_on_another_mesh(tmp_path):
+    vocab = Vocabularies(num_users=64, num_items=200, num_genres=3)
+    model_cfg = ModelConfig(embed_dim=8, hidden_dims=(8,), out_dim=8, use_features=False)
+    tc = TrainConfig(logq_estimate="streaming", logq_learning_rate=0.1, optimizer="sgd")
+    optimizers = state_lib.make_optimizer(tc, logq_rows=vocab.num_items)
+
+    def build(rngs):
+        return TwoTower(model_cfg, vocab, rngs)
+
+    rng = np.random.default_rng(1)
+    batches = [{"user": rng.integers(1, 64, 32).astype(np.int32),
+                "history": rng.integers(0, 200, (32, 4)).astype(np.int32),
+                "item": rng.integers(1, 40, 32).astype(np.int32),
+                "negatives": Negatives(log_q=np.zeros(32, np.float32))} for _ in range(2)]
+
+    def run(train_step, state, mesh, batch):
+        with jax.set_mesh(mesh):
+            return train_step(state, sharding.shard_batch(batch, mesh))[0]
+
+    mesh = sharding.make_mesh(MeshConfig(data=4, model=2))
+    graphdef, state, shardings = state_lib.create(build, optimizers, 0, mesh)
+    train_step = steps.make_train_step(graphdef, steps.retrieval_loss, tc, shardings, mesh)
+    state = run(train_step, state, mesh, batches[0])
+    mngr = checkpoint.make_manager(tmp_path / "ckpt", tc)
+    with jax.set_mesh(mesh):
+        checkpoint.save(mngr, 1, state, {"step": 1})
+    checkpoint.wait(mngr)
+    other = sharding.make_mesh(MeshConfig(data=2, model=4))
+    _, target = state_lib.abstract(build, optimizers, 0, other)
+    restored, _ = checkpoint.restore_or_none(mngr, target, {})
+    mngr.close()
+    for key in ("last_seen", "gap", "sightings"):
+        got = restored[2]["logq"][key][...]
+        assert got.sharding.mesh.shape["model"] == 4
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(state[2]["logq"][key][...]))
+    # One more step from each: the estimates agree exactly (they depend only on the items).
+    straight = run(train_step, state, mesh, batches[1])
+    other_step = steps.make_train_step(graphdef, steps.retrieval_loss, tc,
+                                       jax.tree.map(lambda x: x.sharding, target), other)
+    resumed = run(other_step, restored, other, batches[1])
+    for key in ("last_seen", "gap", "sightings"):
+        np.testing.assert_array_equal(np.asarray(resumed[2]["logq"][key][...]),
+                                      np.asarray(straight[2]["logq"][key][...]))
 
 
 def test_no_streaming_estimate_unless_asked_for_a_retrieval_model():

@@ -109,8 +109,8 @@ def test_mixed_negatives_match_numpy_reference_with_each_correction_and_masking(
     mined_log_q = np.log(rng.uniform(0.01, 0.5, (b, h))).astype(np.float32)
     got = losses.sampled_softmax_loss(
         q, c, 0.5, items, log_q_B=log_q, hard_negatives=hard_k,
-        extra=(losses.Negatives(uni_c, uni_items, uni_log_q),
-               losses.Negatives(mined_c, mined_items, mined_log_q)))
+        extra=(losses.NegativeSource(uni_c, uni_items, uni_log_q),
+               losses.NegativeSource(mined_c, mined_items, mined_log_q)))
     want = _mixed_reference(q, c, 0.5, items, log_q, uni_c, uni_items, uni_log_q, mined_c,
                             mined_items, mined_log_q, hard_k)
     np.testing.assert_allclose(float(got), want, rtol=1e-5)
@@ -124,14 +124,14 @@ def test_uniform_correction_is_what_makes_the_mixed_softmax_unbiased():
     all_c = rng.standard_normal((n, d)).astype(np.float32)
     full = _log_softmax_nll((q @ all_c.T)[None, 0][:, [0] + list(range(1, n))], np.array([0]))
     draws = rng.integers(1, n, m)  # uniform over the negatives 1..n-1
-    pos = losses.Negatives(all_c[draws], draws + 100, np.full(m, -np.log(n - 1.0), np.float32))
+    pos = losses.NegativeSource(all_c[draws], draws + 100, np.full(m, -np.log(n - 1.0), np.float32))
     # m corrected draws carry m times the negatives' mass: log q = log(1/m) for the positive
     # puts it on the same scale (in a real batch this shared constant cancels).
     est = losses.sampled_softmax_loss(q, all_c[:1], 1.0, np.array([0]),
                                       log_q_B=np.array([-np.log(m)], np.float32), extra=(pos,))
     np.testing.assert_allclose(float(est), full, atol=0.02)
     raw = losses.sampled_softmax_loss(q, all_c[:1], 1.0, np.array([0]),
-                                      extra=(losses.Negatives(all_c[draws], draws + 100),))
+                                      extra=(losses.NegativeSource(all_c[draws], draws + 100),))
     assert abs(float(raw) - full) > 1.0
 
 
@@ -188,3 +188,50 @@ def test_keep_hardest_negatives_matches_a_sort_with_masked_columns():
         want.add(labels[i])
         got = set(np.flatnonzero(out[i] > losses.MASK_VALUE / 2)) | {labels[i]}
         assert got == want, i
+
+
+# ------------------------------------------------------- shape errors at the entry points
+
+
+def _vectors(b=4, d=3):
+    rng = np.random.default_rng(0)
+    return (rng.standard_normal((b, d)).astype(np.float32),
+            rng.standard_normal((b, d)).astype(np.float32), np.arange(1, b + 1))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"c_BxD": np.zeros((4, 5), np.float32)}, r"q_BxD \(4, 3\) and c_BxD \(4, 5\) must both be \[B, D\]"),
+    ({"c_BxD": np.zeros((6, 3), np.float32)}, r"q_BxD \(4, 3\) and c_BxD \(6, 3\)"),
+    ({"item_B": np.arange(5)}, r"item_B \(5,\) must be \(4,\) to match q_BxD \(4, 3\)"),
+    ({"log_q_B": np.zeros(3, np.float32)}, r"log_q_B \(3,\) must be \(4,\) to match q_BxD \(4, 3\)"),
+    ({"extra": (losses.NegativeSource(np.zeros((5, 2), np.float32), np.arange(5)),)},
+     r"q_BxD \(4, 3\) and c_NxD \(5, 2\) must be \[B, D\] and \[\.\.\., D\] with the same D"),
+    ({"extra": (losses.NegativeSource(np.zeros((5, 3), np.float32), np.arange(4)),)},
+     r"negative items \(4,\) must match their vectors \(5, 3\)"),
+    ({"extra": (losses.NegativeSource(np.zeros((5, 3), np.float32), np.arange(5),
+                                      np.zeros(4, np.float32)),)},
+     r"negative log_q \(4,\) must match their items \(5,\)"),
+    ({"extra": (losses.NegativeSource(np.zeros((3, 2, 3), np.float32), np.ones((3, 2), np.int32)),)},
+     r"c_BxHxD \(3, 2, 3\) must be \[B, H, D\] for q_BxD \(4, 3\)"),
+])
+def test_sampled_softmax_names_both_shapes_when_they_disagree(change, message):
+    q, c, items = _vectors()
+    args = {"q_BxD": q, "c_BxD": c, "temperature": 0.5, "item_B": items, **change}
+    with pytest.raises(ValueError, match=message):
+        losses.sampled_softmax_loss(**args)
+
+
+def test_loss_pieces_name_both_shapes():
+    logits = np.zeros((2, 3), np.float32)
+    with pytest.raises(ValueError, match=r"labels_B \(3,\) must be \(2,\) to match logits_BxN \(2, 3\)"):
+        losses.softmax_cross_entropy(logits, np.zeros(3, np.int32))
+    with pytest.raises(ValueError, match=r"weights_B \(1,\) must be \(2,\)"):
+        losses.softmax_cross_entropy(logits, np.zeros(2, np.int32), np.ones(1, np.float32))
+    with pytest.raises(ValueError, match=r"log_q_N \(2,\) must be \(3,\) to match logits_BxN \(2, 3\)"):
+        losses.logq_correct(logits, np.zeros(2, np.float32))
+    with pytest.raises(ValueError, match=r"candidate_items_N \(2,\) must be \(3,\)"):
+        losses.mask_accidental_hits(logits, np.arange(2), np.arange(2), np.arange(2))
+    with pytest.raises(ValueError, match=r"candidate_items \(3, 3\) must be \[N\] or \[B, N\]"):
+        losses.mask_positive_and_padding(logits, np.arange(2), np.ones((3, 3), np.int32))
+    with pytest.raises(ValueError, match=r"labels_B \(1,\) must be \(2,\)"):
+        losses.keep_hardest_negatives(logits, np.zeros(1, np.int32), 1)

@@ -10,8 +10,7 @@ import pytest
 
 from recsys import config as config_lib
 from recsys import pipeline, sharding
-from recsys.data.batches import uniform_negatives
-from recsys.train import mining
+from recsys.train import mining, negatives
 from recsys.train.loop import train_retrieval
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -77,14 +76,14 @@ def test_sample_band_is_seeded_and_uniform_within_the_band():
 def test_uniform_negatives_depend_only_on_seed_and_step():
     cfg = config_lib.load(ROOT / "configs" / "tiny.py")
     ds = pipeline.load_data(cfg)
-    a = uniform_negatives(ds.features, ds.num_items, 32, seed=0, step=5)
-    b = uniform_negatives(ds.features, ds.num_items, 32, seed=0, step=5)
-    c = uniform_negatives(ds.features, ds.num_items, 32, seed=0, step=6)
-    np.testing.assert_array_equal(a["uniform_item"], b["uniform_item"])
-    assert not np.array_equal(a["uniform_item"], c["uniform_item"])
-    assert a["uniform_item"].min() >= 1 and a["uniform_item"].max() <= ds.num_items
-    assert a["uniform_item_genres"].shape == (32, ds.features.item_genres.shape[1])
-    np.testing.assert_allclose(a["uniform_log_q"], -np.log(ds.num_items))
+    a, a_log_q = negatives.uniform(ds.features, ds.num_items, 32, seed=0, step=5)
+    b, _ = negatives.uniform(ds.features, ds.num_items, 32, seed=0, step=5)
+    c, _ = negatives.uniform(ds.features, ds.num_items, 32, seed=0, step=6)
+    np.testing.assert_array_equal(a["item"], b["item"])
+    assert not np.array_equal(a["item"], c["item"])
+    assert a["item"].min() >= 1 and a["item"].max() <= ds.num_items
+    assert a["item_genres"].shape == (32, ds.features.item_genres.shape[1])
+    np.testing.assert_allclose(a_log_q, -np.log(ds.num_items))
 
 
 def _tiny(**train):
@@ -97,7 +96,8 @@ def _tiny(**train):
 
 
 def test_mined_table_skips_known_items_and_resume_is_exact(tmp_path):
-    cfg = _tiny(num_steps=12, checkpoint_every=6)
+    # The streaming logQ estimate rides in the state beside (model, optimizer): resumed with it.
+    cfg = _tiny(num_steps=12, checkpoint_every=6, logq_estimate="streaming")
     ds = pipeline.load_data(cfg)
     # One device: exactness does not depend on the mesh, and it compiles twice as fast.
     mesh = sharding.make_mesh(cfg.mesh, devices=jax.devices()[:1])
@@ -122,6 +122,7 @@ def test_mined_table_skips_known_items_and_resume_is_exact(tmp_path):
     (tmp_path / "resumed" / "checkpoints" / "mined" / "mined-8.npz").unlink()
     resumed = train_retrieval(cfg, ds, tmp_path / "resumed", mesh)
     assert resumed.metrics["train/steps"] == 12
+    assert np.asarray(resumed.state[2]["logq"]["sightings"][...]).sum() == 12 * cfg.train.batch_size
     for a, b in zip(_leaves(straight.state), _leaves(resumed.state)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
@@ -138,9 +139,8 @@ def _leaves(state):
     ({"mined_correction": "nope"}, "mined_correction"),
 ])
 def test_bad_negative_settings_name_the_field(bad, message):
-    cfg = _tiny(**bad)
-    with pytest.raises(config_lib.ConfigError, match=message):
-        config_lib.validate(cfg)
+    with pytest.raises(config_lib.ConfigError, match=message):  # TrainConfig checks its fields
+        config_lib.validate(_tiny(**bad))
 
 
 def test_mine_stride_groups_consecutive_events_of_one_user(tmp_path):

@@ -14,6 +14,7 @@ from recsys.models.ranker import Ranker
 from recsys.models.two_tower import TwoTower, Vocabularies
 from recsys.train import state as state_lib
 from recsys.train import steps
+from recsys.train.negatives import Negatives
 
 ROWS = ("data", "model")  # every table's rows are split over both mesh axes
 MODEL = ModelConfig(embed_dim=16, hidden_dims=(16,), out_dim=8, use_features=False)
@@ -45,7 +46,7 @@ def _batch(rng, b=64, length=6):
     return {"user": rng.integers(1, VOCAB.num_users, b).astype(np.int32),
             "history": rng.integers(0, VOCAB.num_items, (b, length)).astype(np.int32),
             "item": rng.integers(1, VOCAB.num_items, b).astype(np.int32),
-            "log_q": rng.uniform(-8, -3, b).astype(np.float32)}
+            "negatives": Negatives(log_q=rng.uniform(-8, -3, b).astype(np.float32))}
 
 
 # Golden layouts: every array not listed here must be replicated (P()).

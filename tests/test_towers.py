@@ -144,3 +144,28 @@ def test_time_features_enter_the_query_tower_only_when_enabled():
              "time_context": np.array([[500000, 499990], [500000, -1]], np.int32)}
     q = np.asarray(model.embed_query(batch))
     assert not np.allclose(q[0], q[1])  # same user and history, different time
+
+
+def test_two_tower_inputs_that_do_not_fit_name_both_shapes():
+    model = _model(pooling="mean")
+    genres = np.zeros((2, 3), np.float32)
+    batch = {"user": np.array([1, 2]), "history": _history()[1],
+             "user_feats": np.array([[1], [3]], np.int32),
+             "item": np.array([1, 2]), "item_genres": genres, "item_year": np.array([0, 1])}
+    model(batch)  # fits
+    cases = [
+        ({"item": np.array([1, 2, 3])}, r"item \(3,\) must be \[B\].*history \(2, 6\)"),
+        ({"user": np.array([1, 2, 3])}, r"user \(3,\) does not fit history \(2, 6\)"),
+        ({"user_feats": np.array([[1, 2], [3, 1]], np.int32)},
+         r"user_feats \(2, 2\) does not fit history \(2, 6\): expected \[B, 1\]"),
+        ({"history": np.ones(6, np.int32)}, r"history \(6,\) must be \[B, L\]"),
+        ({"item_genres": np.zeros((2, 4), np.float32)},
+         r"item_genres \(2, 4\) must be item \(2,\) plus \[3\] genres"),
+        ({"item_year": np.array([0, 1, 2])}, r"item_year \(3,\) must match item \(2,\)"),
+    ]
+    for change, message in cases:
+        with pytest.raises(ValueError, match=message):
+            model({**batch, **change})
+    with pytest.raises(ValueError, match=r"history embeddings \(2, 5, 8\) must be \[B, L, E\] for "
+                                         r"history \(2, 6\)"):
+        layers.pool_history(np.zeros((2, 5, E), np.float32), _history()[1], "mean", 0.0)

@@ -102,6 +102,9 @@ def pool_history(emb_BxLxE, history_BxL, pooling: str, decay: float):
 
     "mean" averages the real items; "recency" weights the item k steps back by decay**k.
     """
+    emb, hist = tuple(jnp.shape(emb_BxLxE)), tuple(jnp.shape(history_BxL))
+    if len(emb) != 3 or emb[:2] != hist:
+        raise ValueError(f"history embeddings {emb} must be [B, L, E] for history {hist} [B, L]")
     mask_BxL = (history_BxL > 0).astype(emb_BxLxE.dtype)
     if pooling == "recency":
         length = history_BxL.shape[1]

@@ -1,5 +1,6 @@
 """Retrieval loss pieces, one concern each: logits per negative source, logQ correction, hit masking,
-hard-negative selection, softmax."""
+hard-negative selection, softmax. The public entry points check their inputs' shapes and raise a
+ValueError naming both shapes when they disagree."""
 
 from __future__ import annotations
 
@@ -13,8 +14,27 @@ import numpy as np
 MASK_VALUE = -1e9
 
 
+def _shape(x) -> tuple:
+    return tuple(np.shape(x))
+
+
+def _check_vectors(q_BxD, c_NxD, c_name: str = "c_NxD") -> None:
+    """q [B, D] and c [..., D] must share the width D."""
+    q, c = _shape(q_BxD), _shape(c_NxD)
+    if len(q) != 2 or not c or c[-1] != q[-1]:
+        raise ValueError(f"q_BxD {q} and {c_name} {c} must be [B, D] and [..., D] with the same D")
+
+
+def _check_rows(name: str, x, want: tuple, against: str) -> None:
+    if _shape(x) != want:
+        raise ValueError(f"{name} {_shape(x)} must be {want} to match {against}")
+
+
 def in_batch_logits(q_BxD, c_NxD, temperature):
     """Scores of every query against every candidate: [B, N] = q · c / temperature."""
+    _check_vectors(q_BxD, c_NxD)
+    if len(_shape(c_NxD)) != 2:
+        raise ValueError(f"c_NxD {_shape(c_NxD)} must be [N, D] (q_BxD {_shape(q_BxD)})")
     return jnp.einsum("bd,nd->bn", q_BxD, c_NxD) / temperature
 
 
@@ -24,11 +44,16 @@ def logq_correct(logits_BxN, log_q_N):
     Candidates that enter the batch as other rows' positives are drawn by popularity, so without
     the correction popular items are over-penalised as negatives.
     """
+    _check_rows("log_q_N", log_q_N, _shape(logits_BxN)[1:], f"logits_BxN {_shape(logits_BxN)}")
     return logits_BxN - log_q_N[None, :]
 
 
 def mask_accidental_hits(logits_BxN, labels_B, query_items_B, candidate_items_N):
     """Masks negatives that are the same item as the row's positive (it would be a false negative)."""
+    b, n = _shape(logits_BxN)
+    _check_rows("labels_B", labels_B, (b,), f"logits_BxN {(b, n)}")
+    _check_rows("query_items_B", query_items_B, (b,), f"logits_BxN {(b, n)}")
+    _check_rows("candidate_items_N", candidate_items_N, (n,), f"logits_BxN {(b, n)}")
     same_BxN = query_items_B[:, None] == candidate_items_N[None, :]
     is_label_BxN = jnp.arange(logits_BxN.shape[1])[None, :] == labels_B[:, None]
     return jnp.where(same_BxN & ~is_label_BxN, MASK_VALUE, logits_BxN)
@@ -36,6 +61,12 @@ def mask_accidental_hits(logits_BxN, labels_B, query_items_B, candidate_items_N)
 
 def softmax_cross_entropy(logits_BxN, labels_B, weights_B=None):
     """Mean cross-entropy of the label column per row (weighted rows when weights are given)."""
+    logits = _shape(logits_BxN)
+    if len(logits) != 2:
+        raise ValueError(f"logits_BxN {logits} must be [B, N]")
+    _check_rows("labels_B", labels_B, logits[:1], f"logits_BxN {logits}")
+    if weights_B is not None:
+        _check_rows("weights_B", weights_B, logits[:1], f"logits_BxN {logits}")
     log_p_BxN = jax.nn.log_softmax(logits_BxN, axis=-1)
     nll_B = -jnp.take_along_axis(log_p_BxN, labels_B[:, None], axis=1)[:, 0]
     if weights_B is None:
@@ -63,7 +94,7 @@ def in_batch_softmax_loss(q_BxD, c_BxD, temperature, item_B, log_q_B=None,
 
 
 @dataclasses.dataclass(frozen=True)
-class Negatives:
+class NegativeSource:
     """Negatives of one extra source, scored against every row (shared) or one row each.
 
     Attributes:
@@ -80,6 +111,10 @@ class Negatives:
 
 def per_row_logits(q_BxD, c_BxHxD, temperature):
     """Scores of each query against its own H candidates: [B, H]."""
+    _check_vectors(q_BxD, c_BxHxD, "c_BxHxD")
+    c = _shape(c_BxHxD)
+    if len(c) != 3 or c[0] != _shape(q_BxD)[0]:
+        raise ValueError(f"c_BxHxD {c} must be [B, H, D] for q_BxD {_shape(q_BxD)}")
     return jnp.einsum("bd,bhd->bh", q_BxD, c_BxHxD) / temperature
 
 
@@ -89,6 +124,11 @@ def mask_positive_and_padding(logits_BxN, item_B, candidate_items, remove_accide
     candidate_items is [N] (shared by every row) or [B, N] (one list per row); none of these
     columns is the label column, so every match is a false negative.
     """
+    logits = _shape(logits_BxN)
+    if _shape(candidate_items) not in (logits, logits[1:]):
+        raise ValueError(f"candidate_items {_shape(candidate_items)} must be [N] or [B, N] to "
+                         f"match logits_BxN {logits}")
+    _check_rows("item_B", item_B, logits[:1], f"logits_BxN {logits}")
     cand_BxN = jnp.broadcast_to(candidate_items, logits_BxN.shape)
     drop_BxN = cand_BxN == 0
     if remove_accidental_hits:
@@ -104,6 +144,7 @@ def keep_hardest_negatives(logits_BxN, labels_B, k: int):
     keep every tied column. The selection is a constant of the step (no gradient through it).
     """
     n = logits_BxN.shape[1]
+    _check_rows("labels_B", labels_B, logits_BxN.shape[:1], f"logits_BxN {_shape(logits_BxN)}")
     if k <= 0 or k >= n - 1:
         return logits_BxN
     is_label_BxN = jnp.arange(n)[None, :] == labels_B[:, None]
@@ -134,9 +175,15 @@ def _kth_largest(x_BxN, k: int, iterations: int = 32):
     return jax.lax.fori_loop(0, iterations, halve, (lo_B, hi_B))[0]
 
 
-def source_logits(q_BxD, item_B, source: Negatives, temperature, remove_accidental_hits=True):
+def source_logits(q_BxD, item_B, source: NegativeSource, temperature,
+                  remove_accidental_hits=True):
     """Corrected, masked logits of one extra negative source: [B, M] or [B, H]."""
-    if source.c.ndim == 2:
+    c, items = _shape(source.c), _shape(source.items)
+    if items != c[:-1]:
+        raise ValueError(f"negative items {items} must match their vectors {c} without D")
+    if source.log_q is not None and _shape(source.log_q) != items:
+        raise ValueError(f"negative log_q {_shape(source.log_q)} must match their items {items}")
+    if len(c) == 2:
         logits = in_batch_logits(q_BxD, source.c, temperature)
     else:
         logits = per_row_logits(q_BxD, source.c, temperature)
@@ -146,7 +193,7 @@ def source_logits(q_BxD, item_B, source: Negatives, temperature, remove_accident
 
 
 def sampled_softmax_loss(q_BxD, c_BxD, temperature, item_B, *, log_q_B=None,
-                         extra: tuple[Negatives, ...] = (), hard_negatives: int = 0,
+                         extra: tuple[NegativeSource, ...] = (), hard_negatives: int = 0,
                          remove_accidental_hits=True):
     """Sampled softmax over in-batch negatives plus extra sources (mixed negative sampling).
 
@@ -166,7 +213,17 @@ def sampled_softmax_loss(q_BxD, c_BxD, temperature, item_B, *, log_q_B=None,
 
     Returns:
       The mean cross-entropy over rows.
+
+    Raises:
+      ValueError: naming both shapes, when q and c are not both [B, D], item_B or log_q_B is not
+        [B], or a source's vectors, items and log q disagree.
     """
+    q, c = _shape(q_BxD), _shape(c_BxD)
+    if len(q) != 2 or q != c:
+        raise ValueError(f"q_BxD {q} and c_BxD {c} must both be [B, D]: row i's positive is c[i]")
+    _check_rows("item_B", item_B, q[:1], f"q_BxD {q}")
+    if log_q_B is not None:
+        _check_rows("log_q_B", log_q_B, q[:1], f"q_BxD {q}")
     logits_BxB = in_batch_logits(q_BxD, c_BxD, temperature)
     if log_q_B is not None:
         logits_BxB = logq_correct(logits_BxB, log_q_B)

@@ -71,7 +71,12 @@ class TwoTower(nnx.Module):
 
     def embed_query(self, batch: dict):
         """[B, D] normalised query vectors from user, history [B, L], user_feats [B, F] and, with
-        model.time_features, time_context [B, 2] (`time_features`)."""
+        model.time_features, time_context [B, 2] (`time_features`).
+
+        Raises:
+          ValueError: naming both shapes, when an input does not have the history's B rows.
+        """
+        self._check_query(batch)
         history_BxL = batch["history"]
         emb_BxLxE = self.item_table(history_BxL)
         if self.history_attention is not None:
@@ -90,7 +95,12 @@ class TwoTower(nnx.Module):
         return _normalize(self.query_mlp(jnp.concatenate(parts, axis=-1)))
 
     def embed_items(self, batch: dict):
-        """[..., D] normalised item vectors from item [...], item_genres [..., G], item_year [...]."""
+        """[..., D] normalised item vectors from item [...], item_genres [..., G], item_year [...].
+
+        Raises:
+          ValueError: naming both shapes, when genres or years do not match the items' shape.
+        """
+        self._check_items(batch)
         parts = [self.item_table(batch["item"])]
         if self.genre_proj is not None:
             parts.append(self.genre_proj(batch["item_genres"]))
@@ -98,7 +108,39 @@ class TwoTower(nnx.Module):
         return _normalize(self.item_mlp(jnp.concatenate(parts, axis=-1)))
 
     def __call__(self, batch: dict):
+        """(q [B, D], c [B, D], temperature) of B queries and their positive items."""
+        self._check_query(batch)
+        history, item = jnp.shape(batch["history"]), jnp.shape(batch["item"])
+        if item != history[:1]:
+            raise ValueError(f"item {item} must be [B]: one positive per query of history {history}")
         return self.embed_query(batch), self.embed_items(batch), self.temperature()
+
+    def _check_query(self, batch: dict) -> None:
+        history = jnp.shape(batch["history"])
+        if len(history) != 2:
+            raise ValueError(f"history {history} must be [B, L]")
+        want = {"user": history[:1] if self.user_table is not None else None,
+                "user_feats": (history[0], len(self.user_feature_tables))
+                if len(self.user_feature_tables) else None,
+                "time_context": (history[0], NUM_TIME_FEATURES) if self.time_proj is not None else None}
+        for name, shape in want.items():
+            if shape is None:
+                continue
+            got = jnp.shape(batch[name])
+            if got != shape:
+                raise ValueError(f"{name} {got} does not fit history {history}: expected "
+                                 f"{'[B]' if len(shape) == 1 else f'[B, {shape[1]}]'}")
+
+    def _check_items(self, batch: dict) -> None:
+        item = jnp.shape(batch["item"])
+        if self.genre_proj is None:
+            return
+        genres, year = jnp.shape(batch["item_genres"]), jnp.shape(batch["item_year"])
+        if genres != (*item, self.genre_proj.in_features):
+            raise ValueError(f"item_genres {genres} must be item {item} plus "
+                             f"[{self.genre_proj.in_features}] genres")
+        if year != item:
+            raise ValueError(f"item_year {year} must match item {item}")
 
 
 def _normalize(x_BxD):

@@ -1,4 +1,5 @@
-"""Index-mined hard negatives: items from a rank band of the current model, per training example."""
+"""Index-mined hard negatives: items from a rank band of the current model, per training example
+(recsys.train.negatives turns them into the loss's negatives)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import jax
 import numpy as np
 
 from recsys.config import TrainConfig
-from recsys.data.batches import item_inputs, prefixed
 from recsys.data.dataset import Dataset
 from recsys.eval import protocol, ranking
 
@@ -111,24 +111,16 @@ class MinedNegatives:
         else:
             self.refresh(model, last)
 
-    def inputs(self, positions_B: np.ndarray) -> dict:
-        """mined_item [B, H], mined_item_genres [B, H, G], mined_item_year [B, H], mined_log_q [B, H].
+    def at(self, positions_B: np.ndarray):
+        """The mined items of the events at these positions, and each row's band log q.
 
-        mined_log_q follows train.mined_correction: "band" gives log(1/items left in the row's
-        band), the probability of each draw; "uniform" gives log(1/N), weighting mined items like
-        uniform draws. Mined items are not a sample of the whole catalogue, so neither makes the
-        softmax unbiased; the choice sets how much they weigh against the other sources, and is
-        tuned on validation.
+        Returns:
+          items_BxH: int32 item rows (0: no negative, masked in the loss).
+          log_q_B: float32 log(1/items left in the row's band), the probability of each draw
+            (recsys.train.negatives.mined_log_q turns it into the configured correction).
         """
         slots_B = self.slot_E[np.asarray(positions_B, np.int64)]
-        items_BxH = self.items_PxH[slots_B]
-        out = prefixed("mined_", item_inputs(self.ds.features, items_BxH))
-        if self.cfg.mined_correction == "uniform":  # weighted as if drawn uniformly
-            log_q_B = np.full(len(slots_B), -np.log(self.ds.num_items), np.float32)
-        else:  # "band": the source's own probability (unused for "none")
-            log_q_B = self.log_q_P[slots_B]
-        out["mined_log_q"] = np.repeat(log_q_B[:, None], items_BxH.shape[1], axis=1)
-        return out
+        return self.items_PxH[slots_B], self.log_q_P[slots_B]
 
     def _path(self, step: int) -> pathlib.Path:
         return self.directory / f"mined-{step}.npz"

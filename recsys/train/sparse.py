@@ -30,6 +30,17 @@ from recsys.models import layers
 DENSE_PARAMS = nnx.All(nnx.Param, nnx.Not(layers.TableRows))
 
 
+class RowState(nnx.Variable):
+    """Per-row training state outside the model (table optimizer moments, the logQ estimate),
+    sharded like table rows."""
+
+
+def row_state(arrays: dict) -> dict:
+    """{name: RowState} over `arrays` [V, ...], each split over devices along its rows."""
+    return {k: RowState(v, out_sharding=("vocab",) + ("embed",) * (v.ndim - 1))
+            for k, v in arrays.items()}
+
+
 @dataclasses.dataclass(frozen=True)
 class RowwiseAdagrad:
     """Adagrad with one accumulator per row (TorchRec's and TF's sparse Adagrad).

@@ -1,4 +1,5 @@
-"""Model-plus-optimizer state: built sharded on the mesh, split into a graphdef and a pytree."""
+"""Training state: (model, optimizer, logQ estimate), built sharded on the mesh, split into a
+graphdef and a pytree."""
 
 from __future__ import annotations
 
@@ -10,28 +11,26 @@ import optax
 from flax import nnx
 
 from recsys import sharding
-from recsys.config import ConfigError, TrainConfig
+from recsys.config import TrainConfig
 from recsys.models import layers
 from recsys.models.logq import StreamingLogQ
-from recsys.train import sparse
-
-
-class RowState(nnx.Variable):
-    """Per-row training state (table optimizer moments, logQ statistics), sharded like table rows."""
+from recsys.train import negatives, sparse
 
 
 @dataclasses.dataclass(frozen=True)
 class Optimizers:
-    """How each part of the state is trained; `create` builds the optimizer from this."""
+    """How each part of the state is trained; `create` builds the state from this."""
 
     dense: optax.GradientTransformation  # parameters not covered by `rows` (all, when it is None)
     rows: sparse.RowwiseAdagrad | sparse.LazyAdam | None = None  # sparse updates of Table rows
-    logq: StreamingLogQ | None = None  # streaming estimate that replaces batch["log_q"]
+    # The streaming estimate of the positives' log q, counted from the batches' items (not a
+    # gradient update): kept beside the model and optimizer as negatives.LogQEstimate.
+    logq: StreamingLogQ | None = None
 
 
 def make_optimizer(cfg: TrainConfig, learning_rate: float | None = None, *,
                    logq_rows: int = 0) -> Optimizers:
-    """The optimizers a TrainConfig asks for.
+    """The optimizers a TrainConfig asks for (its fields' ranges are checked by TrainConfig).
 
     Args:
       learning_rate: of the dense layers (default cfg.learning_rate).
@@ -47,26 +46,19 @@ def make_optimizer(cfg: TrainConfig, learning_rate: float | None = None, *,
         dense = optax.sgd(lr)
     rows = None
     if cfg.embedding_optimizer != "dense":
-        if cfg.embedding_learning_rate < 0:
-            raise ConfigError(f"train.embedding_learning_rate={cfg.embedding_learning_rate} "
-                              "must be >= 0 (0 = train.learning_rate)")
         rows = sparse.ROW_OPTIMIZERS[cfg.embedding_optimizer](cfg.embedding_learning_rate or lr)
     logq = None
     if cfg.logq_correction and cfg.logq_estimate == "streaming" and logq_rows > 0:
-        if not 0 < cfg.logq_learning_rate <= 1 or cfg.logq_buckets < 0:
-            raise ConfigError(f"train.logq_learning_rate={cfg.logq_learning_rate} must be in "
-                              f"(0, 1] and train.logq_buckets={cfg.logq_buckets} >= 0")
         buckets = layers.padded_rows(cfg.logq_buckets or logq_rows)
         logq = StreamingLogQ(buckets, cfg.logq_learning_rate)
     return Optimizers(dense, rows, logq)
 
 
 class Optimizer(nnx.Optimizer):
-    """nnx.Optimizer (optax) for dense parameters, plus row optimizer state and the logQ estimate.
+    """nnx.Optimizer (optax) for dense parameters, plus the row optimizer state of tables.
 
     Attributes beyond nnx.Optimizer's `step` and `opt_state`:
-      tables: {table path: {name: RowState [V, ...]}} when tables are updated sparsely, else None.
-      logq: {"last_seen", "gap", "sightings": RowState [H]} with the streaming logQ estimate,
+      tables: {table path: {name: sparse.RowState [V, ...]}} when tables are updated sparsely,
         else None.
     """
 
@@ -74,15 +66,8 @@ class Optimizer(nnx.Optimizer):
         tables = sparse.tables_of(model) if spec.rows is not None else {}
         super().__init__(model, spec.dense, wrt=sparse.DENSE_PARAMS if tables else nnx.Param)
         self.row_rule = spec.rows if tables else None
-        self.tables = nnx.data({p: _row_state(spec.rows.init(t.embedding[...]))
+        self.tables = nnx.data({p: sparse.row_state(spec.rows.init(t.embedding[...]))
                                 for p, t in tables.items()}) if tables else None
-        self.logq_rule = spec.logq
-        self.logq = nnx.data(_row_state(spec.logq.init())) if spec.logq else None
-
-
-def _row_state(arrays: dict) -> dict:
-    return {k: RowState(v, out_sharding=("vocab",) + ("embed",) * (v.ndim - 1))
-            for k, v in arrays.items()}
 
 
 def _init_fn(build_model, optimizers, seed: int):
@@ -91,7 +76,8 @@ def _init_fn(build_model, optimizers, seed: int):
 
     def init():
         model = build_model(nnx.Rngs(seed))
-        return model, Optimizer(model, optimizers)
+        logq = negatives.LogQEstimate(optimizers.logq) if optimizers.logq is not None else None
+        return model, Optimizer(model, optimizers), logq
 
     return init
 
@@ -99,14 +85,18 @@ def _init_fn(build_model, optimizers, seed: int):
 def create(build_model: Callable[[nnx.Rngs], nnx.Module],
            optimizers: Optimizers | optax.GradientTransformation, seed: int,
            mesh: jax.sharding.Mesh):
-    """Builds (model, optimizer) inside jit so every table is born sharded by the rules table.
+    """Builds (model, optimizer, logq) inside jit so every table is born sharded by the rules table.
+
+    `logq` is the streaming logQ estimate (negatives.LogQEstimate), or None when `optimizers`
+    asks for none; None adds nothing to the state, which then holds keys 0 and 1 only.
 
     Args:
       optimizers: from `make_optimizer`; a bare optax transformation trains every parameter.
 
     Returns:
       graphdef: the static structure, for `nnx.merge`.
-      state: the arrays (params, optimizer moments, RNG streams), sharded on `mesh`.
+      state: the arrays (params, optimizer moments, logQ statistics, RNG streams), sharded on
+        `mesh`.
       shardings: NamedShardings matching `state`.
     """
     init = _init_fn(build_model, optimizers, seed)
