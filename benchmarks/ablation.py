@@ -1,7 +1,8 @@
 """Retrieval ablation on MovieLens: baselines, the plain two-tower, then one addition per row.
 
     python -m benchmarks.ablation --data ../shared/data/ml-latest-small --seeds 0,1,2 \
-        --json docs/ablation.json --markdown ablation.md
+        --json docs/ablation.json
+    python -m benchmarks.report      # the table in docs/results.md, from docs/ablation.json
 
 Each two-tower row is configs/movielens.py plus the row's overrides (cumulative: a row adds
 its change to the kept rows above; then the CHANGES rows each change one thing of the final
@@ -9,21 +10,24 @@ config) with ranker.steps=0, trained as the config says and ranked
 on the test split by the protocol's code; its `command` reproduces one seed with the CLI
 (`recsys pipeline` prints the same retrieval/* metrics). Popularity and EASE (lambda tuned on
 validation) come from benchmarks.baselines on the same split. With --json, finished runs are
-kept and skipped on the next call (a run is known by the configuration its overrides amount
-to and its seed), so the table can be filled in several sittings.
+kept and skipped on the next call, so the table can be filled in several sittings: a run is
+known by its resolved configuration (the config file after the row's overrides and the seed)
+and the hash of the recsys sources (benchmarks.provenance), so a changed config file or
+changed code runs it again. Each run records both hashes, the commit and the load average.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import tempfile
 import time
 
 import numpy as np
 
-from benchmarks import baselines
+from benchmarks import baselines, provenance, report
 from recsys import config as config_lib
 from recsys import pipeline, sharding
 from recsys.config import DataConfig, EvalConfig
@@ -69,21 +73,23 @@ def row_overrides(index: int) -> list[str]:
     return kept + ROWS[index][1]
 
 
-def resolved(overrides: list[str]) -> str:
-    """The configuration a list of overrides amounts to (later ones win): the key of a run."""
-    return json.dumps(sorted(dict(o.split("=", 1) for o in overrides).items()))
+def config_for(data: str, overrides: list[str], seed: int, config: str = CONFIG
+               ) -> config_lib.Config:
+    """The resolved config of one run: the config file, the data, no ranker, the seed, the row."""
+    return config_lib.apply_overrides(config_lib.load(config), _sets(data, overrides, seed))
 
 
-def command(data: str, overrides: list[str], seed: int) -> str:
-    sets = " ".join(f"--set {o}" for o in [f"data.path={data}", "ranker.steps=0",
-                                            f"train.seed={seed}", *overrides])
-    return f"recsys pipeline --config {CONFIG} {sets} --workdir runs/ablation"
+def _sets(data: str, overrides: list[str], seed: int) -> list[str]:
+    return [f"data.path={data}", "ranker.steps=0", f"train.seed={seed}", *overrides]
 
 
-def two_tower_test(data: str, overrides: list[str], seed: int) -> dict:
+def command(data: str, overrides: list[str], seed: int, config: str = CONFIG) -> str:
+    sets = " ".join(f"--set {o}" for o in _sets(data, overrides, seed))
+    return f"recsys pipeline --config {config} {sets} --workdir runs/ablation"
+
+
+def two_tower_test(cfg: config_lib.Config) -> dict:
     """Test metrics of one two-tower run (what `command` prints as retrieval/*)."""
-    cfg = config_lib.apply_overrides(config_lib.load(CONFIG), [
-        f"data.path={data}", "ranker.steps=0", f"train.seed={seed}", *overrides])
     ds = pipeline.load_data(cfg)
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="ablation-") as tmp:
@@ -98,60 +104,67 @@ def summarise(runs: list[dict]) -> dict:
                 "std": float(np.std([r[k] for r in runs]))} for k in METRICS}
 
 
-def markdown(result: dict) -> str:
-    head = ["row", *(k.upper().replace("HR", "HR").replace("NDCG", "NDCG") for k in METRICS),
-            "seeds"]
-    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * len(METRICS) + "---|"]
-    for row in result["rows"]:
-        s = row["summary"]
-        cells = [row["name"]] + [f"{s[k]['mean']:.4f} ± {s[k]['std']:.4f}" if row["runs"] > 1
-                                 else f"{s[k]['mean']:.4f}" for k in METRICS]
-        lines.append("| " + " | ".join(cells + [str(row["runs"])]) + " |")
-    return "\n".join(lines)
+def _baselines(data: str, previous: dict | None, source: str, lambdas) -> dict:
+    """Popularity and EASE, reused from `previous` only for the same data and sources."""
+    old = (previous or {}).get("baselines", {})
+    if previous and previous.get("data") == data and old.get("source_sha256") == source:
+        return old
+    base = baselines.run(DataConfig(source="movielens", path=data), EvalConfig(), lambdas)
+    return {**base, "source_sha256": source}
+
+
+def _specs() -> list[tuple[str, str, list[str]]]:
+    """(group, row name, overrides) of every two-tower row, in table order."""
+    final = max(i for i, (_, _, keep) in enumerate(ROWS) if keep)
+    specs = [("final" if i == final else "cumulative" if keep else "not kept",
+              name if keep else f"{name} (not kept)", row_overrides(i))
+             for i, (name, _, keep) in enumerate(ROWS)]
+    return specs + [("change", name, row_overrides(final) + overrides)
+                    for name, overrides in CHANGES]
 
 
 def run(data: str, seeds: tuple[int, ...], previous: dict | None = None,
-        only: set[int] | None = None, lambdas=baselines.LAMBDAS, log=print, save=None) -> dict:
-    """Every row for every seed (skipping runs found in `previous`); returns the JSON result.
+        only: set[int] | None = None, lambdas=baselines.LAMBDAS, log=print, save=None,
+        config: str = CONFIG) -> dict:
+    """Every row for every seed (reusing runs of `previous` with the same key); the JSON result.
 
+    A run of `previous` is reused only when its resolved config and the recsys source hash
+    both equal this run's (see benchmarks.provenance).
     save: called with the result so far after every finished row (None: only returned).
     """
-    done = {(resolved(r["overrides"]), s): m for r in (previous or {}).get("rows", [])
-            if "overrides" in r for s, m in r.get("per_seed", {}).items()}
-    rows = []
-    if previous and "baselines" in previous:
-        base = previous["baselines"]
-    else:
-        base = baselines.run(DataConfig(source="movielens", path=data), EvalConfig(), lambdas)
+    source, git = provenance.source_sha256(), provenance.git_state()
+    done = {(r.get("config_sha256"), r.get("source_sha256")): r
+            for row in (previous or {}).get("rows", []) for r in row.get("per_seed", {}).values()}
+    base = _baselines(data, previous, source, lambdas)
     ease_cmd = f"python -m benchmarks.baselines --data {data}"
-    rows.append({"name": "popularity", "runs": 1, "command": ease_cmd,
-                 "summary": {k: {"mean": base["popularity"]["test"][k], "std": 0.0}
-                             for k in METRICS}})
-    rows.append({"name": f"EASE (lambda {base['ease']['lambda']:g}, tuned on validation)",
-                 "runs": 1, "command": ease_cmd,
-                 "summary": {k: {"mean": base["ease"]["test"][k], "std": 0.0} for k in METRICS}})
-    final = max(i for i, (_, _, keep) in enumerate(ROWS) if keep)
-    specs = [(name if keep else f"{name} (not kept)", row_overrides(i))
-             for i, (name, _, keep) in enumerate(ROWS)]
-    specs += [(name, row_overrides(final) + overrides) for name, overrides in CHANGES]
-    for i, (name, overrides) in enumerate(specs):
+    rows = [{"name": "popularity", "group": "baseline", "runs": 1, "command": ease_cmd,
+             "summary": {k: {"mean": base["popularity"]["test"][k], "std": 0.0}
+                         for k in METRICS}},
+            {"name": f"EASE (lambda {base['ease']['lambda']:g}, tuned on validation)",
+             "group": "baseline", "runs": 1, "command": ease_cmd,
+             "summary": {k: {"mean": base["ease"]["test"][k], "std": 0.0} for k in METRICS}}]
+    result = {"data": data, "config": config, "seeds": list(seeds),
+              "provenance": provenance.record(), "baselines": base, "rows": rows}
+    for i, (group, name, overrides) in enumerate(_specs()):
         per_seed = {}
         for s in seeds:
-            key = (resolved(overrides), str(s))
-            if key in done:
-                per_seed[str(s)] = done[key]
+            cfg = config_for(data, overrides, s, config)
+            key = provenance.run_key(cfg, source)
+            if (key["config_sha256"], key["source_sha256"]) in done:
+                per_seed[str(s)] = done[key["config_sha256"], key["source_sha256"]]
             elif only is None or i in only:
-                per_seed[str(s)] = two_tower_test(data, overrides, s)
+                per_seed[str(s)] = {**two_tower_test(cfg), **key, "git": git,
+                                    "load_average": list(os.getloadavg())}
                 log(f"{name} seed {s}: " + " ".join(f"{k} {per_seed[str(s)][k]:.4f}"
                                                     for k in METRICS))
         if not per_seed:
             continue
-        rows.append({"name": name, "overrides": overrides, "command": command(data, overrides, 0),
-                     "per_seed": per_seed, "runs": len(per_seed),
-                     "summary": summarise(list(per_seed.values()))})
+        rows.append({"name": name, "group": group, "overrides": overrides,
+                     "command": command(data, overrides, 0, config), "per_seed": per_seed,
+                     "runs": len(per_seed), "summary": summarise(list(per_seed.values()))})
         if save is not None:
-            save({"data": data, "seeds": list(seeds), "baselines": base, "rows": rows})
-    return {"data": data, "seeds": list(seeds), "baselines": base, "rows": rows}
+            save(result)
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -161,8 +174,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rows", help="comma-separated row numbers to run (0 = plain, then ROWS and "
                    "CHANGES in order; default all)")
     p.add_argument("--lambdas", default=",".join(str(x) for x in baselines.LAMBDAS))
-    p.add_argument("--json", help="result file; runs already in it are not repeated")
-    p.add_argument("--markdown", help="also write the table here")
+    p.add_argument("--json", help="result file; runs already in it (same config and sources) "
+                   "are not repeated")
     args = p.parse_args(argv)
     path = pathlib.Path(args.json) if args.json else None
     previous = json.loads(path.read_text()) if path and path.is_file() else None
@@ -170,16 +183,13 @@ def main(argv: list[str] | None = None) -> None:
     def save(result: dict) -> None:
         if path:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(result, indent=2))
+            path.write_text(json.dumps(result, indent=2) + "\n")
 
     result = run(args.data, tuple(int(s) for s in args.seeds.split(",")), previous,
                  {int(r) for r in args.rows.split(",")} if args.rows else None,
                  tuple(float(x) for x in args.lambdas.split(",")), save=save)
     save(result)
-    table = markdown(result)
-    print("\n" + table)
-    if args.markdown:
-        pathlib.Path(args.markdown).write_text(table + "\n")
+    print("\n" + report.ablation_table(result))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ Every trial trains retrieval with data.trained_on=train (the validation event is
 ranker.steps=0, keeps the best validated state when train.eval_every is set, and ranks the
 validation events against the whole catalogue with the protocol's code. Prints a markdown table
 of validation HR@10 / HR@50 / HR@100 / NDCG@10 (mean over seeds) and the chosen values (the best
-mean validation HR@10; NDCG@10 breaks ties).
+mean validation HR@10; NDCG@10 breaks ties). Nothing is cached: every call trains every trial.
+The JSON records each trial's resolved-config and recsys source hashes (benchmarks.provenance),
+the commit and the load average, so a sweep kept under docs/ says what it measured.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import time
 
 import numpy as np
 
+from benchmarks import provenance
 from recsys import config as config_lib
 from recsys import pipeline, sharding
 from recsys.eval import protocol
@@ -69,14 +72,15 @@ def validate_trial(cfg: config_lib.Config, workdir: pathlib.Path) -> dict:
 def run(base: config_lib.Config, sets: list[str], grid: dict, *, random: int = 0,
         seeds: tuple[int, ...] = (0,), search_seed: int = 0, log=print) -> dict:
     """Runs every trial for every seed; returns {"rows": [...], "chosen": {...}}."""
-    rows = []
+    rows, source = [], provenance.source_sha256()
     for combo in trials(grid, random, search_seed):
         per_seed = []
         for s in seeds:
             overrides = [*sets, *(f"{k}={v}" for k, v in combo.items()), f"train.seed={s}", *FORCED]
             cfg = config_lib.apply_overrides(base, overrides)
             with tempfile.TemporaryDirectory(prefix="tune-") as tmp:
-                per_seed.append(validate_trial(cfg, pathlib.Path(tmp)))
+                per_seed.append({**validate_trial(cfg, pathlib.Path(tmp)),
+                                 **provenance.run_key(cfg, source)})
         row = {**combo, **{f"val/{k}": float(np.mean([r[k] for r in per_seed])) for k in METRICS},
                "val/hr@10_std": float(np.std([r["hr@10"] for r in per_seed])),
                "per_seed": per_seed,
@@ -86,7 +90,8 @@ def run(base: config_lib.Config, sets: list[str], grid: dict, *, random: int = 0
         log(" ".join(f"{k}={v}" for k, v in combo.items()) + "  " + " ".join(
             f"{k} {row[f'val/{k}']:.4f}" for k in METRICS))
     chosen = max(rows, key=lambda r: (r["val/hr@10"], r["val/ndcg@10"])) if rows else {}
-    return {"sets": sets, "grid": grid, "seeds": list(seeds), "rows": rows, "chosen": chosen}
+    return {"sets": sets, "grid": grid, "seeds": list(seeds), "rows": rows, "chosen": chosen,
+            "provenance": provenance.record()}
 
 
 def markdown(result: dict) -> str:

@@ -1,6 +1,7 @@
 """configs/movielens.py runs unchanged on MovieLens 100K and 1M layouts (only data.path differs)."""
 
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -81,11 +82,39 @@ def test_ablation_rows_that_were_kept_add_up_to_the_config():
     assert plain.train.uniform_negatives == plain.train.mined_negatives == 0
 
 
-def test_ablation_reuses_a_run_only_for_the_same_configuration():
-    # A finished run is found again when the overrides amount to the same config (later ones
-    # win), and never for a different one.
-    same = ablation.resolved(["model.history_pooling=mean", "model.history_pooling=recency",
-                              "train.hard_negatives=128"])
-    assert same == ablation.resolved(["train.hard_negatives=128", "model.history_pooling=recency"])
-    assert same != ablation.resolved(["train.hard_negatives=128",
-                                      "model.history_pooling=attention"])
+def test_ablation_reuses_a_run_only_for_the_same_configuration_and_code(tmp_path, monkeypatch):
+    # A finished run is found again when its resolved config (config file after overrides, as
+    # canonical JSON) and the recsys source hash are equal, and never when either changed.
+    trained = []
+
+    def fake_test(cfg):
+        trained.append(cfg)
+        return {"hr@10": 0.1, "hr@50": 0.2, "hr@100": 0.3, "ndcg@10": 0.05, "steps": 1,
+                "seconds": 0.0}
+
+    monkeypatch.setattr(ablation, "two_tower_test", fake_test)
+    monkeypatch.setattr(ablation.baselines, "run", lambda *a: {
+        "popularity": {"test": fake_test(None)}, "ease": {"lambda": 50.0, "test": fake_test(None)}})
+    monkeypatch.setattr(ablation.provenance, "source_sha256", lambda: "sources A")
+    config = tmp_path / "movielens.py"
+    config.write_text(pathlib.Path(ablation.CONFIG).read_text())
+    go = lambda previous: ablation.run("data", (0,), previous, log=lambda _: None,
+                                       config=str(config))
+    first = go(None)
+    runs = len(trained)
+    assert runs == 2 + len(ablation.ROWS) + len(ablation.CHANGES)  # baselines, then every row
+    assert go(first)["rows"] == first["rows"] and len(trained) == runs
+    # Later overrides win, so rows whose overrides amount to one config share one key.
+    a = ablation.config_for("d", ["model.history_pooling=mean", "model.history_pooling=recency"], 0)
+    assert a == ablation.config_for("d", ["model.history_pooling=recency"], 0)
+    # A comment in the config file changes nothing; a changed value runs every row again.
+    config.write_text(config.read_text() + "\n# a comment\n")
+    assert go(first)["rows"] == first["rows"] and len(trained) == runs
+    config.write_text(config.read_text().replace("recency_decay=0.8", "recency_decay=0.7"))
+    second = go(first)
+    assert len(trained) == 2 * runs - 2  # baselines reused: same data and sources
+    assert all(c.model.recency_decay == 0.7 for c in trained[runs:])
+    # Changed sources run everything again, the baselines too.
+    monkeypatch.setattr(ablation.provenance, "source_sha256", lambda: "sources B")
+    go(second)
+    assert len(trained) == 3 * runs - 2

@@ -1,0 +1,322 @@
+"""Regenerates every table of docs/results.md from the committed JSON beside it.
+
+    python -m benchmarks.report            # rewrite docs/results.md in place
+    python -m benchmarks.report --check    # exit 1 and print a diff when it would change
+
+Each generated block sits between `<!-- report:NAME -->` and `<!-- /report:NAME -->`; the prose
+around the blocks is hand-written and kept as it is. A block whose JSON is not there yet becomes
+one line naming the command that measures it. Figures over seeds are mean ± standard deviation
+(numpy's, ddof 0, as benchmarks.ablation stores them), computed here from the per-seed records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import pathlib
+import re
+import sys
+from collections.abc import Callable
+
+import numpy as np
+
+RESULTS = pathlib.Path(__file__).resolve().parents[1] / "docs" / "results.md"
+DATA = "../shared/data/ml-latest-small"
+METRICS = ("hr@10", "hr@50", "hr@100", "ndcg@10")
+BLOCK = re.compile(r"<!-- report:(?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- /report:(?P=name) -->",
+                   re.DOTALL)
+
+
+class ReportError(Exception):
+    """results.md or one of its JSON files cannot be rendered; the message names which."""
+
+
+# Formatting -------------------------------------------------------------------------------------
+
+def mean_std(values, fmt: str = ".4f") -> str:
+    """'mean ± std' of the values (numpy, ddof 0)."""
+    v = np.asarray(list(values), dtype=float)
+    return f"{float(np.mean(v)):{fmt}} ± {float(np.std(v)):{fmt}}"
+
+
+def _row(cells) -> str:
+    return "|" + "|".join(f" {c} " if str(c) else " " for c in cells) + "|"
+
+
+def _seeds_text(seeds) -> str:
+    return ", ".join(str(s) for s in seeds)
+
+
+def _provenance(d: dict) -> str:
+    """One line naming how a JSON file was made (empty when it does not say)."""
+    p = d.get("provenance")
+    if not p:
+        return ""
+    git = p.get("git") or {}
+    commit = (git.get("commit") or "unknown")[:10] + (" + local changes" if git.get("dirty") else "")
+    load = " / ".join(f"{x:.1f}" for x in p.get("load_average", []))
+    return (f"\n\nMeasured by `{p.get('command', '?')}` at commit {commit} (recsys sources sha256 "
+            f"{p.get('source_sha256', '?')[:12]}); load average {load} on {p.get('cpus', '?')} CPUs.")
+
+
+# Retrieval ablation (docs/ablation.json, benchmarks.ablation) ----------------------------------
+
+def _values(row: dict, metric: str) -> list[float]:
+    return [r[metric] for r in row["per_seed"].values()]
+
+
+def ablation_table(d: dict) -> str:
+    """The ablation rows: baselines as single values, two-tower rows as mean ± std over seeds."""
+    lines = [_row(["#", "row", *(m.upper() for m in METRICS)]),
+             "|---|---|" + "---:|" * len(METRICS)]
+    previous = None
+    for number, row in enumerate(d["rows"], 1):
+        group = row["group"]
+        if group == "change" and previous != "change":
+            lines.append(_row(["", f"*one change to {d['config']}:*", *[""] * len(METRICS)]))
+        previous = group
+        if group == "baseline":
+            name, cells = row["name"], [f"{row['summary'][m]['mean']:.4f}" for m in METRICS]
+        else:
+            name, cells = row["name"], [mean_std(_values(row, m)) for m in METRICS]
+            if row["runs"] < len(d["seeds"]):
+                name += f" ({row['runs']} of {len(d['seeds'])} seeds)"
+        if group == "final":
+            name, cells = f"**{name} = {d['config']}**", [f"**{c}**" for c in cells]
+        lines.append(_row([number, name, *cells]))
+    return "\n".join(lines)
+
+
+def ablation_against_ease(d: dict) -> str:
+    """The final config's figures over seeds against EASE, and how many seeds beat it."""
+    final = next(r for r in d["rows"] if r["group"] == "final")
+    ease = d["baselines"]["ease"]["test"]
+    seeds = list(final["per_seed"])
+    parts, per_seed, above = [], [], []
+    for m in ("hr@10", "hr@100", "ndcg@10"):
+        v = _values(final, m)
+        parts.append(f"{m.upper()} {mean_std(v)} ({np.mean(v) / ease[m]:.2f}x EASE's {ease[m]:.4f})")
+    for m in ("hr@10", "hr@100"):
+        v = _values(final, m)
+        per_seed.append(f"{m.upper()} " + " / ".join(f"{x:.4f}" for x in v))
+        above.append(f"{m.upper()} in {sum(x > ease[m] for x in v)} of {len(v)}")
+    return (f"`{d['config']}`, seeds {' / '.join(seeds)} (mean ± std): " + ", ".join(parts)
+            + f". Per seed: {'; '.join(per_seed)}. Above EASE on " + " and ".join(above)
+            + " seeds." + _provenance(d))
+
+
+# Four-stage pipeline per seed (docs/pipeline.json, benchmarks.pipeline_seeds) ------------------
+
+def _runs(d: dict) -> list[dict]:
+    return [d["runs"][s] for s in sorted(d["runs"], key=int)]
+
+
+def pipeline_table(d: dict) -> str:
+    """Retrieval against the served pipeline per seed, then mean ± std; stage seconds below."""
+    runs = _runs(d)
+    ms = [r["metrics"] for r in runs]
+    ratio = [m["pipeline/ndcg@10"] / m["retrieval/ndcg@10"] for m in ms]
+    lines = [_row(["seed", "retrieval NDCG@10", "pipeline NDCG@10", "ratio", "retrieval HR@10",
+                   "pipeline HR@10", "ranker CV NDCG@10 (retrieval order)", "wall s",
+                   "load avg"]),
+             "|---|" + "---:|" * 8]
+    for r, m, q in zip(runs, ms, ratio):
+        lines.append(_row([r["seed"], f"{m['retrieval/ndcg@10']:.4f}",
+                           f"{m['pipeline/ndcg@10']:.4f}", f"{q:.2f}",
+                           f"{m['retrieval/hr@10']:.4f}", f"{m['pipeline/hr@10']:.4f}",
+                           _ranker_cv([m]), f"{m['wall_seconds']:.0f}",
+                           f"{r['load_average_before'][0]:.1f}"]))
+    col = lambda key: [m[key] for m in ms]
+    lines.append(_row(["**mean ± std**", mean_std(col("retrieval/ndcg@10")),
+                       mean_std(col("pipeline/ndcg@10")), mean_std(ratio, ".2f"),
+                       mean_std(col("retrieval/hr@10")), mean_std(col("pipeline/hr@10")),
+                       _ranker_cv(ms), mean_std(col("wall_seconds"), ".0f"), ""]))
+    recall = sorted(k for k in ms[0] if k.startswith("retrieval/recall@"))
+    stages = [k for k in ms[0] if k.startswith("seconds/")]
+    notes = [f"`{k}` {mean_std(col(k))}" for k in recall]
+    notes.append("seconds per stage " + ", ".join(
+        f"{k.removeprefix('seconds/')} {mean_std(col(k), '.0f')}" for k in stages))
+    return ("\n".join(lines) + f"\n\nOver seeds {_seeds_text(r['seed'] for r in runs)} "
+            "(mean ± std): " + "; ".join(notes) + "." + _provenance(d))
+
+
+def _ranker_cv(ms: list[dict]) -> str:
+    if any("ranker/val_ndcg@10" not in m for m in ms):
+        return "–"
+    cv = [m["ranker/val_ndcg@10"] for m in ms]
+    base = [m["ranker/val_retrieval_ndcg@10"] for m in ms]
+    if len(ms) == 1:
+        return f"{cv[0]:.4f} ({base[0]:.4f})"
+    return f"{mean_std(cv)} ({mean_std(base)})"
+
+
+def ordering_table(d: dict) -> str:
+    """The served default against MMR and exploration: accuracy, diversity, coverage."""
+    runs = _runs(d)
+    serve = runs[0]["config"]["serve"]
+    policies = [(f"served default ({serve['ordering']})", "pipeline/", "ordering/"),
+                (f"MMR, {serve['mmr_similarity']} similarity, lambda {serve['mmr_lambda']:g}",
+                 "ordering/mmr/", "ordering/mmr/"),
+                (f"explore, temperature {serve['explore_temperature']:g}",
+                 "ordering/explore/", "ordering/explore/")]
+    lines = [_row(["policy", "NDCG@10", "HR@10", "ILD", "coverage"]), "|---|---:|---:|---:|---:|"]
+    for name, accuracy, diversity in policies:
+        col = lambda key: [r["metrics"][key] for r in runs]
+        lines.append(_row([name, mean_std(col(f"{accuracy}ndcg@10")),
+                           mean_std(col(f"{accuracy}hr@10")),
+                           mean_std(col(f"{diversity}intra_list_diversity"), ".3f"),
+                           mean_std(col(f"{diversity}catalog_coverage"), ".3f")]))
+    return ("\n".join(lines) + f"\n\nMean ± std over seeds "
+            f"{_seeds_text(r['seed'] for r in runs)}, test users, k = 10.")
+
+
+# Serving latency (docs/serving.json, benchmarks.serving) ---------------------------------------
+
+def _index_name(index: dict | None) -> str:
+    if not index:
+        return "–"
+    if index.get("mode") == "tree_ah":
+        return (f"ScaNN tree-AH ({index['num_leaves']} leaves, {index['leaves_to_search']} "
+                "searched)")
+    if index.get("mode") == "brute_force":
+        return "ScaNN brute force"
+    return str(index.get("kind", "–"))
+
+
+def serving_table(d: dict) -> str:
+    """p50 milliseconds per stage, total p50 / p99, the baseline and batched throughput."""
+    runs = d["runs"]
+    stages = [s for s in next(iter(runs.values()))["single_request"] if s not in ("total", "wall")]
+    lines = [_row(["catalogue", "index", *stages, "**total p50 / p99**",
+                   "query tower + index alone p50", "batched req/s (64 / 256)",
+                   "load + warm-up s", "compilations"]),
+             "|---|---|" + "---:|" * (len(stages) + 5)]
+    for name, r in runs.items():
+        single = r["single_request"]
+        lines.append(_row([f"`{name}`, {r['num_items']:,} items", _index_name(r.get("index")),
+                           *(f"{single[s]['p50_ms']:.2f}" for s in stages),
+                           f"**{single['total']['p50_ms']:.2f} / {single['total']['p99_ms']:.2f}**",
+                           f"{r['baseline_query_tower_plus_index']['p50_ms']:.2f}",
+                           (f"{r['batch_64_requests_per_s']:.0f} / "
+                            f"{r['batch_256_requests_per_s']:.0f}"),
+                           f"{r['load_and_warmup_s']:.1f}",
+                           r["compilations_during_measurement"]]))
+    first = next(iter(runs.values()))
+    load = lambda key: " / ".join(f"{x:.1f}" for x in d[key])
+    return ("\n".join(lines) + f"\n\nPer catalogue {first['requests']} single requests after "
+            f"warm-up (random known users, k = 10, {first['num_candidates']} candidates), wall "
+            f"milliseconds per stage; one run, so p50 / p99 over requests are the spread. JAX "
+            f"{d['jax']}, {d['cpus']} CPUs, load average {load('load_average_before')} before and "
+            f"{load('load_average_after')} after." + _provenance(d))
+
+
+# Sharded training (docs/sharding.json, benchmarks.sharding) ------------------------------------
+
+def sharding_table(d: dict) -> str:
+    """Step seconds against item-table rows, sparse and dense, 8 and 1 devices; then the rest."""
+    rows = list(d["step_seconds"]["sparse"])
+    lines = [_row(["step time (median s)", *(f"{int(n):,} item rows" for n in rows), "ratio"]),
+             "|---|" + "---:|" * (len(rows) + 1)]
+    for suffix, devices in (("", "8 devices"), ("_1_device", "1 device")):
+        for kind, label in (("sparse", "sparse (row-wise Adagrad on tables)"),
+                            ("dense", "dense optax")):
+            s = d[f"step_seconds{suffix}"][kind]
+            lines.append(_row([f"{label}, {devices}", *(f"{s[n]:.3f}" for n in rows),
+                               f"{s[rows[-1]] / s[rows[0]]:.2f}"]))
+    eps = d["examples_per_sec"]
+    throughput = " / ".join(f"{v:,.0f}" for v in eps.values())
+    notes = [(f"Examples/s at batch {d['batch_size']:,}: {throughput} on {' / '.join(eps)} fake "
+              "devices (they share the host's cores: the overhead of the sharded program, not "
+              "scaling)."),
+             (f"`table_bytes_per_device_ratio` {d['table_bytes_per_device_ratio']:.3f} with "
+              f"`num_row_shards` {d['num_row_shards']}."),
+             (f"`max_abs_diff_vs_single_device` {d['max_abs_diff_vs_single_device']:.1e} "
+              f"(dense), {d['max_abs_diff_vs_single_device_sparse']:.1e} (row-wise Adagrad): "
+              "parameters after 3 adagrad steps on 8 devices against 1."),
+             (f"One run: batch {d['batch_size']}, embedding dim {d['embed_dim']}, "
+              f"{d['history_len']} history items; {d['wall_seconds']:.0f} s in all.")]
+    return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + _provenance(d)
+
+
+# The blocks and the command line ----------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Section:
+    source: str  # JSON file beside results.md
+    command: str  # what writes it
+    render: Callable[[dict], str]
+
+
+PIPELINE = (f"python -m benchmarks.pipeline_seeds --config configs/movielens.py --data {DATA} "
+            "--seeds 0,1,2 --json docs/pipeline.json")
+SECTIONS = {
+    "ablation": Section("ablation.json", f"python -m benchmarks.ablation --data {DATA} "
+                        "--seeds 0,1,2 --json docs/ablation.json", ablation_table),
+    "ablation-vs-ease": Section("ablation.json", f"python -m benchmarks.ablation --data {DATA} "
+                                "--seeds 0,1,2 --json docs/ablation.json", ablation_against_ease),
+    "pipeline": Section("pipeline.json", PIPELINE, pipeline_table),
+    "ordering": Section("pipeline.json", PIPELINE, ordering_table),
+    "serving": Section("serving.json", "python -m benchmarks.serving --artifacts "
+                       "runs/pipeline/seed0/artifacts --synthetic-items 1000000 --requests 1000 "
+                       "--json docs/serving.json", serving_table),
+    "sharding": Section("sharding.json", "python -m benchmarks.sharding --json docs/sharding.json",
+                        sharding_table),
+}
+
+
+def render_block(name: str, docs: pathlib.Path) -> str:
+    section = SECTIONS[name]
+    path = docs / section.source
+    if not path.is_file():
+        return f"*Not yet measured: run `{section.command}`.*"
+    try:
+        return section.render(json.loads(path.read_text()))
+    except (KeyError, TypeError, ValueError, IndexError, StopIteration, ZeroDivisionError) as e:
+        raise ReportError(f"{path}: cannot render block {name!r}: {type(e).__name__}: {e}") from None
+
+
+def regenerate(text: str, docs: pathlib.Path) -> str:
+    """results.md with every block rendered again from the JSON in `docs`."""
+    found = [m["name"] for m in BLOCK.finditer(text)]
+    unknown = sorted(set(found) - set(SECTIONS))
+    twice = sorted({n for n in found if found.count(n) > 1})
+    missing = [n for n in SECTIONS if n not in found]
+    if unknown or twice or missing:
+        raise ReportError("results.md blocks: " + "; ".join(
+            f"{what} {', '.join(names)}" for what, names in
+            (("unknown", unknown), ("repeated", twice), ("missing", missing)) if names)
+            + f" (known: {', '.join(SECTIONS)})")
+    return BLOCK.sub(lambda m: f"<!-- report:{m['name']} -->\n{render_block(m['name'], docs)}\n"
+                               f"<!-- /report:{m['name']} -->", text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--results", type=pathlib.Path, default=RESULTS,
+                   help="the markdown file; its JSON inputs lie beside it")
+    p.add_argument("--check", action="store_true",
+                   help="change nothing; exit 1 and print a diff if the file is stale")
+    args = p.parse_args(argv)
+    try:
+        old = args.results.read_text()
+        new = regenerate(old, args.results.parent)
+    except (OSError, ReportError) as e:
+        print(f"benchmarks.report: error: {e}", file=sys.stderr)
+        return 2
+    if not args.check:
+        if new != old:
+            args.results.write_text(new)
+        return 0
+    if new == old:
+        return 0
+    sys.stdout.writelines(difflib.unified_diff(old.splitlines(True), new.splitlines(True),
+                                               f"{args.results} (committed)",
+                                               f"{args.results} (regenerated)"))
+    print(f"{args.results} is stale: run python -m benchmarks.report", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""benchmarks.report renders docs/results.md from JSON; pipeline_seeds reuses only equal runs."""
+
+import json
+import pathlib
+
+import pytest
+
+from benchmarks import pipeline_seeds, provenance, report
+from recsys import config as config_lib
+
+BLOCKS = "\n\n".join(f"<!-- report:{n} -->\n<!-- /report:{n} -->" for n in report.SECTIONS)
+PAGE = f"# Results\n\nHand-written prose.\n\n{BLOCKS}\n\nMore prose.\n"
+
+
+def _metrics(hr10, ndcg10):
+    return {"hr@10": hr10, "hr@50": 0.5, "hr@100": 0.6, "ndcg@10": ndcg10}
+
+
+def _ablation() -> dict:
+    def row(name, group, hrs):
+        per_seed = {str(s): _metrics(h, h / 2) for s, h in enumerate(hrs)}
+        return {"name": name, "group": group, "runs": len(hrs), "per_seed": per_seed}
+
+    base = {"popularity": {"test": _metrics(0.04, 0.02)},
+            "ease": {"lambda": 50.0, "test": _metrics(0.08, 0.04)}}
+    summary = lambda m: {k: {"mean": v, "std": 0.0} for k, v in m.items()}
+    return {"config": "configs/x.py", "seeds": [0, 1, 2], "baselines": base, "rows": [
+        {"name": "popularity", "group": "baseline", "runs": 1, "summary": summary(_metrics(0.04, 0.02))},
+        {"name": "EASE", "group": "baseline", "runs": 1, "summary": summary(_metrics(0.08, 0.04))},
+        row("plain", "cumulative", [0.1, 0.2, 0.3]),
+        row("+ one", "final", [0.1, 0.1, 0.1]),
+        row("without one", "change", [0.3, 0.5])]}
+
+
+def _pipeline() -> dict:
+    def seed_run(seed, retrieval, served):
+        metrics = {"retrieval/ndcg@10": retrieval, "pipeline/ndcg@10": served,
+                   "retrieval/hr@10": 2 * retrieval, "pipeline/hr@10": 2 * served,
+                   "ranker/val_ndcg@10": 0.09, "ranker/val_retrieval_ndcg@10": 0.07,
+                   "retrieval/recall@200": 0.5 + seed / 10, "seconds/train_retrieval": 90 + seed,
+                   "wall_seconds": 300.0 + seed,
+                   "ordering/intra_list_diversity": 0.5, "ordering/catalog_coverage": 0.2,
+                   **{f"ordering/{p}/{k}": v for p in ("mmr", "explore") for k, v in
+                      (("ndcg@10", served - 0.01), ("hr@10", 0.1), ("intra_list_diversity", 0.6),
+                       ("catalog_coverage", 0.25))}}
+        serve = {"ordering": "topk", "mmr_similarity": "vectors", "mmr_lambda": 0.5,
+                 "explore_temperature": 0.3}
+        return {"seed": seed, "load_average_before": [4.0, 3.0, 2.0], "config": {"serve": serve},
+                "metrics": metrics}
+
+    return {"runs": {"1": seed_run(1, 0.06, 0.09), "0": seed_run(0, 0.04, 0.06)}}
+
+
+def _serving() -> dict:
+    stage = {"p50_ms": 0.5, "p99_ms": 1.0}
+    run = {"num_items": 9742, "index": {"kind": "scann", "mode": "brute_force"},
+           "num_candidates": 200, "load_and_warmup_s": 7.5, "requests": 1000,
+           "single_request": {**{s: stage for s in ("retrieval", "scoring")},
+                              "total": {"p50_ms": 3.08, "p99_ms": 8.36}, "wall": stage},
+           "baseline_query_tower_plus_index": {"p50_ms": 0.37}, "batch_64_requests_per_s": 233.0,
+           "batch_256_requests_per_s": 456.4, "compilations_during_measurement": 0}
+    return {"load_average_before": [4.8, 4, 3], "load_average_after": [5, 4, 3], "cpus": 2,
+            "jax": "0.7", "runs": {"runs/pipeline/seed0/artifacts": run}}
+
+
+def _sharding() -> dict:
+    steps = {"sparse": {"10000": 0.5, "2000000": 0.55}, "dense": {"10000": 0.2, "2000000": 0.6}}
+    return {"batch_size": 4096, "history_len": 20, "embed_dim": 32, "wall_seconds": 150.0,
+            "examples_per_sec": {"1": 11000.0, "8": 6600.0}, "step_seconds": steps,
+            "step_seconds_1_device": steps, "table_bytes_per_device_ratio": 0.125,
+            "num_row_shards": 8, "max_abs_diff_vs_single_device": 3.8e-7,
+            "max_abs_diff_vs_single_device_sparse": 1e-6}
+
+
+def _docs(tmp_path: pathlib.Path, **files) -> pathlib.Path:
+    (tmp_path / "results.md").write_text(PAGE)
+    for name, data in files.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(data))
+    return tmp_path / "results.md"
+
+
+def test_tables_render_mean_and_std_over_seeds(tmp_path):
+    results = _docs(tmp_path, ablation=_ablation(), pipeline=_pipeline(), serving=_serving(),
+                    sharding=_sharding())
+    assert report.main(["--results", str(results)]) == 0
+    text = results.read_text()
+    assert text.startswith("# Results\n\nHand-written prose.") and text.endswith("More prose.\n")
+    # ablation: baselines plain; seeds 0.1/0.2/0.3 -> 0.2000 ± 0.0816 (ddof 0); the final bold
+    assert "| 1 | popularity | 0.0400 | 0.5000 | 0.6000 | 0.0200 |" in text
+    assert "| 3 | plain | 0.2000 ± 0.0816 | 0.5000 ± 0.0000 |" in text
+    assert "| 4 | **+ one = configs/x.py** | **0.1000 ± 0.0000** |" in text
+    assert "| | *one change to configs/x.py:* | | | | |\n| 5 | without one (2 of 3 seeds) | " \
+           "0.4000 ± 0.1000 |" in text
+    assert "HR@10 0.1000 ± 0.0000 (1.25x EASE's 0.0800)" in text
+    assert "Above EASE on HR@10 in 3 of 3 and HR@100 in 0 of 3 seeds." in text
+    # pipeline: rows in seed order, then the mean ± std row (ratios 1.50 and 1.50)
+    assert ("| 0 | 0.0400 | 0.0600 | 1.50 | 0.0800 | 0.1200 | 0.0900 (0.0700) | 300 | 4.0 |"
+            in text)
+    assert text.index("| 0 | 0.0400") < text.index("| 1 | 0.0600")
+    assert ("| **mean ± std** | 0.0500 ± 0.0100 | 0.0750 ± 0.0150 | 1.50 ± 0.00 | "
+            "0.1000 ± 0.0200 | 0.1500 ± 0.0300 | 0.0900 ± 0.0000 (0.0700 ± 0.0000) | 300 ± 0 | |"
+            in text)
+    assert "`retrieval/recall@200` 0.5500 ± 0.0500" in text
+    assert "train_retrieval 90 ± 0" in text  # 90 and 91 seconds: 90.5 ± 0.5 to no decimals
+    # ordering: each policy from its ordering/* keys
+    assert "| served default (topk) | 0.0750 ± 0.0150 | 0.1500 ± 0.0300 | 0.500 ± 0.000 | " \
+           "0.200 ± 0.000 |" in text
+    assert "| MMR, vectors similarity, lambda 0.5 | 0.0650 ± 0.0150 |" in text
+    assert "| explore, temperature 0.3 |" in text
+    # serving and sharding
+    assert ("| `runs/pipeline/seed0/artifacts`, 9,742 items | ScaNN brute force | 0.50 | 0.50 | "
+            "**3.08 / 8.36** | 0.37 | 233 / 456 | 7.5 | 0 |") in text
+    assert "| sparse (row-wise Adagrad on tables), 8 devices | 0.500 | 0.550 | 1.10 |" in text
+    assert "| dense optax, 1 device | 0.200 | 0.600 | 3.00 |" in text
+    assert "Not yet measured" not in text
+    assert report.main(["--results", str(results), "--check"]) == 0
+
+
+def test_missing_json_gives_a_placeholder_naming_the_command(tmp_path):
+    results = _docs(tmp_path, ablation=_ablation())
+    assert report.main(["--results", str(results)]) == 0
+    text = results.read_text()
+    assert text.count("*Not yet measured: run `python -m benchmarks.pipeline_seeds") == 2
+    assert "*Not yet measured: run `python -m benchmarks.serving " in text
+    assert "*Not yet measured: run `python -m benchmarks.sharding --json docs/sharding.json`.*" \
+        in text
+    assert "| 3 | plain |" in text
+
+
+def test_check_detects_a_stale_table_and_changes_nothing(tmp_path, capsys):
+    results = _docs(tmp_path, ablation=_ablation(), pipeline=_pipeline())
+    assert report.main(["--results", str(results)]) == 0
+    pipeline = _pipeline()
+    pipeline["runs"]["0"]["metrics"]["pipeline/ndcg@10"] = 0.0123
+    (tmp_path / "pipeline.json").write_text(json.dumps(pipeline))
+    before = results.read_text()
+    capsys.readouterr()
+    assert report.main(["--results", str(results), "--check"]) == 1
+    out = capsys.readouterr()
+    assert "+| 0 | 0.0400 | 0.0123 |" in out.out and "-| 0 | 0.0400 | 0.0600 |" in out.out
+    assert "is stale" in out.err
+    assert results.read_text() == before
+    # A new JSON file where a placeholder stood is stale too.
+    (tmp_path / "sharding.json").write_text(json.dumps(_sharding()))
+    assert report.main(["--results", str(results), "--check"]) == 1
+
+
+def test_missing_or_unknown_blocks_and_bad_json_are_named(tmp_path, capsys):
+    results = tmp_path / "results.md"
+    results.write_text(PAGE.replace("<!-- report:serving -->\n<!-- /report:serving -->",
+                                    "<!-- report:latency -->\n<!-- /report:latency -->"))
+    assert report.main(["--results", str(results)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown latency" in err and "missing serving" in err
+    results = _docs(tmp_path, sharding={"batch_size": 1})
+    assert report.main(["--results", str(results)]) == 2
+    assert "sharding.json: cannot render block 'sharding': KeyError" in capsys.readouterr().err
+
+
+def test_the_committed_results_page_matches_its_json():
+    assert report.main(["--check"]) == 0, "run: python -m benchmarks.report"
+
+
+def test_source_hash_follows_python_files_only(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "sub" / "b.py").write_text("y = 2\n")
+    first = provenance.source_sha256(tmp_path)
+    (tmp_path / "notes.txt").write_text("not code")
+    assert provenance.source_sha256(tmp_path) == first
+    (tmp_path / "sub" / "b.py").write_text("y = 3\n")
+    assert provenance.source_sha256(tmp_path) != first
+
+
+@pytest.fixture
+def fake_pipeline(monkeypatch):
+    """`recsys pipeline` replaced by writing what the CLI would write."""
+    calls = []
+
+    def launch(argv):
+        args = argv[argv.index("pipeline") + 1:]
+        workdir = pathlib.Path(args[args.index("--workdir") + 1])
+        sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+        cfg = config_lib.apply_overrides(config_lib.load(args[args.index("--config") + 1]), sets)
+        (workdir / "config.json").write_text(config_lib.dumps(cfg))
+        (workdir / "metrics.json").write_text(json.dumps({"pipeline/ndcg@10": 0.1 * len(calls)}))
+        calls.append(sets)
+        return 0
+
+    monkeypatch.setattr(pipeline_seeds, "launch", launch)
+    return calls
+
+
+def test_pipeline_seeds_reuses_a_workdir_only_for_the_same_config_and_sources(
+        tmp_path, fake_pipeline, monkeypatch):
+    root, log = tmp_path / "runs", lambda _: None
+    go = lambda *sets: pipeline_seeds.run("configs/tiny.py", "x", (0, 1), root,
+                                          sets=sets, log=log)
+    first = go()
+    assert len(fake_pipeline) == 2 and first["runs"]["1"]["metrics"]["pipeline/ndcg@10"] == 0.1
+    assert first["runs"]["0"]["command"].startswith("recsys pipeline --config configs/tiny.py "
+                                                    "--set data.path=x --set train.seed=0")
+    assert go()["runs"] == first["runs"] and len(fake_pipeline) == 2  # reused
+    go("train.num_steps=3")  # another resolved config: both seeds again
+    assert len(fake_pipeline) == 4
+    monkeypatch.setattr(provenance, "source_sha256", lambda: "other sources")
+    go("train.num_steps=3")
+    assert len(fake_pipeline) == 6
+    (root / "seed0" / "metrics.json").unlink()  # an unfinished run is redone from scratch
+    marker = json.loads((root / "seed0" / pipeline_seeds.MARKER).read_text())
+    (root / "seed0" / pipeline_seeds.MARKER).write_text(json.dumps(
+        {k: marker[k] for k in ("config_sha256", "source_sha256")}))
+    go("train.num_steps=3")
+    assert len(fake_pipeline) == 7
+    (root / "seed5").mkdir()
+    (root / "seed5" / "model").write_text("someone else's")
+    with pytest.raises(pipeline_seeds.SeedRunError, match="not made by"):
+        pipeline_seeds.run("configs/tiny.py", "x", (5,), root, log=log)
