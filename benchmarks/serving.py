@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from benchmarks import provenance
+from recsys.artifacts import published
 from recsys.serve import Recommender
 from recsys.serve.recommender import STAGES
 
@@ -97,7 +98,7 @@ def synthetic_artifacts(num_items: int, workdir: pathlib.Path) -> pathlib.Path:
     from recsys import config as config_lib
     from recsys import pipeline
     out = workdir / "artifacts"
-    if (out / "manifest.json").is_file():
+    if published(out) is not None:
         return out
     cfg = config_lib.load(pathlib.Path(__file__).resolve().parents[1] / "configs" / "quickstart.py")
     cfg = dataclasses.replace(

@@ -225,6 +225,17 @@ class IndexConfig(_Section):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class ExportConfig(_Section):
+    """Artifacts publication (WORKDIR/artifacts/versions/<id>, switched by `current`)."""
+
+    SECTION: ClassVar[str] = "export"
+    keep_versions: int = 3  # artifact versions kept (the current one always; older ones removed)
+
+    def _check(self) -> None:
+        self._require(self.keep_versions >= 1, "keep_versions", "must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class EvalConfig(_Section):
     SECTION: ClassVar[str] = "eval"
     ks: tuple[int, ...] = (10, 50, 100)  # cut-offs for HR@K
@@ -284,6 +295,7 @@ class Config:
     mesh: MeshConfig = MeshConfig()
     train: TrainConfig = TrainConfig()
     index: IndexConfig = IndexConfig()
+    export: ExportConfig = ExportConfig()
     eval: EvalConfig = EvalConfig()
     serve: ServeConfig = ServeConfig()
 
@@ -408,6 +420,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "EvalConfig",
+    "ExportConfig",
     "IndexConfig",
     "MeshConfig",
     "ModelConfig",

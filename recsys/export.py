@@ -1,63 +1,64 @@
-"""Artifacts from trained models: a versioned directory that serving loads without training code.
+"""Artifacts from trained models: sealed, versioned bundles that serving loads without training code.
 
-Layout of DIR/artifacts (written as DIR/artifacts.tmp-*, renamed when complete):
-  manifest.json          format version, config, sizes, dims, created at, sha256 of every file
-  item_ids.npy           [V-1] raw item ids of rows 1..V-1 (row 0 is padding)
-  user_ids.npy           [U-1] raw user ids of rows 1..U-1
-  item_vectors.npy       [V, D] candidate-tower vectors
-  item_features.npz      genres [V, G], year [V] (bucket), release_year [V], logpop [V],
-                         titles [V] (when known)
-  users.npz              features [U, F], history offsets [U+1] and items (each user's events
-                         in time order, without the held-out test event)
-  query_tower.jax        jax.export of (params, user, history, user_feats) -> q [b, D]
-  query_params.npz       its parameters, flat "path/to/param" keys
-  ranker.jax             jax.export of (params, inputs) -> scores [b, n] (optional); inputs as in
-                         recsys.models.ranker_inputs.input_spec (b requests, n candidates)
-  ranker_params.npz
-  index/                 the ScaNN (or exact) searcher over item_vectors
+Layout of DIR/artifacts, the root (recsys.artifacts owns every name and the seal):
+  current                    symlink -> versions/<id>: the published version, switched atomically
+  versions/<id>/             one sealed bundle per export or index rebuild (older ones kept:
+                             keep_versions; removed when neither current nor being read)
+    manifest.json            format version, recsys version, config, sizes, dims, created at, and
+                             the size and sha256 of every other file (nothing unlisted is allowed)
+    item_ids.npy             [V-1] raw item ids of rows 1..V-1 (row 0 is padding)
+    user_ids.npy             [U-1] raw user ids of rows 1..U-1
+    item_vectors.npy         [V, D] candidate-tower vectors
+    item_features.npz        genres [V, G], year [V] (bucket), release_year [V], logpop [V],
+                             titles [V] (when known)
+    users.npz                features [U, F], history offsets [U+1] and items (each user's events
+                             in time order, without the held-out test event)
+    query_tower.jax          jax.export of (params, inputs) -> q [b, D]; inputs as in
+                             recsys.features.query_input_spec
+    query_params.npz         its parameters, flat "path/to/param" keys
+    ranker.jax               jax.export of (params, inputs) -> scores [b, n] (optional); inputs as in
+                             recsys.models.ranker_inputs.input_spec (b requests, n candidates)
+    ranker_params.npz
+    index/                   the ScaNN (or exact) searcher over item_vectors (recsys.index)
+  versions/<id>.tmp/         a version being written (never pointed at)
+Every .npy / .npz holds plain arrays (read with allow_pickle=False); nothing is pickled.
 """
 
 from __future__ import annotations
 
-import datetime
-import json
+import os
 import pathlib
 import shutil
-import time
 
 import jax
 import numpy as np
 from flax import nnx
 
+from recsys import artifacts, features
 from recsys import config as config_lib
 from recsys import index as index_lib
-from recsys.artifacts import FORMAT_VERSION, MANIFEST, sha256
 from recsys.data.dataset import Dataset
 from recsys.models.ranker_inputs import input_spec as ranker_input_spec
+from recsys.sharding import to_host
 
 
 def flat_params(model: nnx.Module):
     """(graphdef, treedef, rest, {"path": array}) with numpy arrays gathered from every device."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(params)
-    flat = {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): _to_numpy(leaf)
+    flat = {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): to_host(leaf)
             for path, leaf in leaves_with_paths}
     return graphdef, treedef, rest, flat
 
 
-def _to_numpy(x) -> np.ndarray:
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
-
-
-def export_module(model: nnx.Module, method: str, example_inputs: dict, symbolic: dict):
+def export_module(model: nnx.Module, method: str, spec: dict):
     """Serialises `model.<method>(inputs)` with params as inputs (small file; params in npz).
 
     Args:
-      example_inputs: name -> array giving dtype and shape.
-      symbolic: name -> shape string for jax.export.symbolic_shape, e.g. "b, 20".
+      spec: name -> (dtype, symbolic shape) of the inputs dict (see recsys.features).
+
+    Returns:
+      (serialized bytes, {"path/to/param": array}).
     """
     model.eval()
     graphdef, treedef, rest, flat = flat_params(model)
@@ -70,98 +71,59 @@ def export_module(model: nnx.Module, method: str, example_inputs: dict, symbolic
     scope = jax.export.SymbolicScope()
     abstract_params = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in flat.items()}
     abstract_inputs = {
-        k: jax.ShapeDtypeStruct(jax.export.symbolic_shape(symbolic[k], scope=scope), v.dtype)
-        for k, v in example_inputs.items()}
+        k: jax.ShapeDtypeStruct(jax.export.symbolic_shape(shape, scope=scope), dtype)
+        for k, (dtype, shape) in spec.items()}
     exported = jax.export.export(jax.jit(fn))(abstract_params, abstract_inputs)
     return exported.serialize(), flat
 
 
-def write_artifacts(out_dir: pathlib.Path, *, cfg: config_lib.Config, files: dict,
-                    searcher, manifest: dict) -> pathlib.Path:
-    """Writes every file into a temporary sibling directory, then renames it to `out_dir`.
-
-    Args:
-      files: relative name -> bytes, np.ndarray (.npy) or dict of arrays (.npz).
-      searcher: an index searcher, saved under index/.
-      manifest: extra manifest fields (sizes, dims, metrics).
-    """
-    out_dir = pathlib.Path(out_dir)
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{int(time.time() * 1e6)}")
-    tmp.mkdir(parents=True)
-    try:
-        for name, content in files.items():
-            _write(tmp / name, content)
-        searcher.save(tmp / "index")
-        checksums = {str(p.relative_to(tmp)): sha256(p)
-                     for p in sorted(tmp.rglob("*")) if p.is_file()}
-        full = {"format_version": FORMAT_VERSION,
-                "created_at": datetime.datetime.now(datetime.UTC).isoformat(),
-                "config": config_lib.to_dict(cfg), **manifest, "checksums": checksums}
-        (tmp / MANIFEST).write_text(json.dumps(full, indent=2, default=_json_default))
-        if out_dir.exists():
-            old = out_dir.with_name(f"{out_dir.name}.old-{int(time.time() * 1e6)}")
-            out_dir.rename(old)
-            shutil.rmtree(old)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
-
-
-def _write(path: pathlib.Path, content) -> None:
-    if isinstance(content, bytes | bytearray):
-        path.write_bytes(bytes(content))
-    elif isinstance(content, dict):
-        np.savez(path, **content)
-    else:
-        np.save(path, np.asarray(content), allow_pickle=False)
-
-
-def _json_default(x):
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, tuple):
-        return list(x)
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+def _write_files(directory: pathlib.Path, files: dict) -> None:
+    """files: relative name -> bytes, np.ndarray (.npy) or dict of arrays (.npz)."""
+    for name, content in files.items():
+        path = directory / name
+        if isinstance(content, bytes | bytearray):
+            path.write_bytes(bytes(content))
+        elif isinstance(content, dict):
+            np.savez(path, **content)
+        else:
+            np.save(path, np.asarray(content), allow_pickle=False)
 
 
 def export_artifacts(out_dir: pathlib.Path, *, cfg: config_lib.Config, ds: Dataset, two_tower,
                      item_vectors: np.ndarray, ranker=None, ranker_inputs=None,
-                     manifest: dict | None = None) -> tuple[pathlib.Path, object]:
-    """Exports the towers, ranker, features, histories and a fresh index; returns (dir, searcher)."""
+                     manifest: dict | None = None,
+                     keep_versions: int = artifacts.KEEP_VERSIONS) -> tuple[pathlib.Path, object]:
+    """Publishes the towers, ranker, features, histories and a fresh index as a new version of
+    the artifacts root `out_dir`; returns (the version directory, its searcher)."""
     tables = ds.features
-    history = ds.history(np.zeros(1, np.int64))  # [1, L] example for shapes only
-    q_inputs = {"user": np.zeros(1, np.int32), "history": history,
-                "user_feats": tables.user_features[:1]}
-    q_shapes = {"user": "b", "history": f"b, {ds.history_len}",
-                "user_feats": f"b, {tables.user_features.shape[1]}"}
-    if cfg.model.time_features:  # request time and the user's previous event, int32 minutes
-        q_inputs["time_context"], q_shapes["time_context"] = np.zeros((1, 2), np.int32), "b, 2"
-    q_bytes, q_params = export_module(two_tower, "embed_query", q_inputs, q_shapes)
-    files = {"query_tower.jax": q_bytes, "query_params.npz": q_params,
-             "item_ids.npy": ds.items.ids, "user_ids.npy": ds.users.ids,
-             "item_vectors.npy": item_vectors.astype(np.float32),
-             "item_features.npz": _item_features(ds, ranker_inputs),
-             "users.npz": _user_histories(ds)}
+    q_spec = features.query_input_spec(ds.history_len, tables.user_features.shape[1],
+                                       cfg.model.time_features)
+    q_bytes, q_params = export_module(two_tower, "embed_query", q_spec)
+    files = {artifacts.QUERY_TOWER: q_bytes, artifacts.QUERY_PARAMS: q_params,
+             artifacts.ITEM_IDS: ds.items.ids, artifacts.USER_IDS: ds.users.ids,
+             artifacts.ITEM_VECTORS: item_vectors.astype(np.float32),
+             artifacts.ITEM_FEATURES: _item_features(ds, ranker_inputs),
+             artifacts.USERS: _user_histories(ds)}
     if ranker is not None:
-        spec = ranker_input_spec(item_vectors.shape[1], tables.item_genres.shape[1],
-                                 tables.user_features.shape[1], ds.history_len)
-        example = {k: np.zeros([1 if s == "b" else 2 if s == "n" else int(s)
-                                for s in shape.split(", ")], dtype)
-                   for k, (dtype, shape) in spec.items()}
-        r_bytes, r_params = export_module(ranker, "__call__", example,
-                                          {k: shape for k, (_, shape) in spec.items()})
-        files.update({"ranker.jax": r_bytes, "ranker_params.npz": r_params})
-    valid = np.ones(len(item_vectors), bool)
-    valid[0] = False
-    searcher = index_lib.build(item_vectors, cfg.index, valid_mask=valid)
-    info = {"dataset": ds.name, "num_items": ds.num_items, "num_users": ds.num_users,
-            "embed_dim": int(item_vectors.shape[1]), "history_len": ds.history_len,
-            "genre_names": list(ds.genre_names), "has_ranker": ranker is not None,
+        r_spec = ranker_input_spec(item_vectors.shape[1], tables.item_genres.shape[1],
+                                   tables.user_features.shape[1], ds.history_len)
+        r_bytes, r_params = export_module(ranker, "__call__", r_spec)
+        files.update({artifacts.RANKER: r_bytes, artifacts.RANKER_PARAMS: r_params})
+    searcher = index_lib.build(item_vectors, cfg.index,
+                               valid_mask=features.valid_rows(len(item_vectors)))
+    info = {"config": config_lib.to_dict(cfg), "dataset": ds.name, "num_items": ds.num_items,
+            "num_users": ds.num_users, "embed_dim": int(item_vectors.shape[1]),
+            "history_len": ds.history_len, "genre_names": list(ds.genre_names),
+            "has_ranker": ranker is not None,
             "user_feature_cardinalities": list(tables.user_cardinalities),
             "index": {"kind": cfg.index.kind, **_index_params(searcher)}, **(manifest or {})}
-    return write_artifacts(out_dir, cfg=cfg, files=files, searcher=searcher, manifest=info), searcher
+
+    def write(staging: pathlib.Path) -> dict:
+        _write_files(staging, files)
+        searcher.save(staging / artifacts.INDEX_DIR)
+        return info
+
+    return artifacts.publish(out_dir, write, keep_versions=keep_versions), searcher
 
 
 def _index_params(searcher) -> dict:
@@ -193,26 +155,36 @@ def _user_histories(ds: Dataset) -> dict:
             "history_items": ds.seq_items[keep], "history_times": ds.seq_times[keep]}
 
 
-def rewrite_index(directory: pathlib.Path, item_vectors: np.ndarray, cfg: config_lib.Config):
-    """Rebuilds index/ of an artifacts directory with cfg.index; rewrites the manifest atomically."""
-    valid = np.ones(len(item_vectors), bool)
-    valid[0] = False
-    searcher = index_lib.build(item_vectors, cfg.index, valid_mask=valid)
-    tmp = directory / f"index.tmp-{int(time.time() * 1e6)}"
-    searcher.save(tmp)
-    manifest = json.loads((directory / MANIFEST).read_text())
-    old = directory / f"index.old-{int(time.time() * 1e6)}"
-    (directory / "index").rename(old)
-    tmp.rename(directory / "index")
-    shutil.rmtree(old)
-    manifest["config"]["index"] = config_lib.to_dict(cfg)["index"]
-    manifest["index"] = {"kind": cfg.index.kind, **_index_params(searcher)}
-    manifest["checksums"] = {k: v for k, v in manifest["checksums"].items()
-                             if not k.startswith("index/")}
-    for p in sorted((directory / "index").rglob("*")):
-        if p.is_file():
-            manifest["checksums"][str(p.relative_to(directory))] = sha256(p)
-    tmp_manifest = directory / (MANIFEST + ".tmp")
-    tmp_manifest.write_text(json.dumps(manifest, indent=2, default=_json_default))
-    tmp_manifest.replace(directory / MANIFEST)
-    return searcher
+def rewrite_index(version: pathlib.Path, item_vectors: np.ndarray, cfg: config_lib.Config,
+                  keep_versions: int = artifacts.KEEP_VERSIONS):
+    """Publishes a copy of a version with its index rebuilt by cfg.index.
+
+    Call it inside `artifacts.reading(...)`, after `artifacts.verify(version)`: the copy is sealed
+    anew, so it must start from checked files. `version` is left as it is (readers may hold
+    it); the new version becomes current in its root. Files other than the index are
+    hard-linked (copied where links are not possible).
+
+    Returns:
+      (the new version directory, its searcher).
+    """
+    version = pathlib.Path(version)
+    root = artifacts.root_of(version)
+    old = artifacts.read_manifest(version)
+    searcher = index_lib.build(item_vectors, cfg.index,
+                               valid_mask=features.valid_rows(len(item_vectors)))
+    fields = {**old, "config": {**old["config"], "index": config_lib.to_dict(cfg)["index"]},
+              "index": {"kind": cfg.index.kind, **_index_params(searcher)}}
+    kept = [name for name in old["checksums"]
+            if not name.startswith(artifacts.INDEX_DIR + "/")]
+
+    def write(staging: pathlib.Path) -> dict:
+        for name in kept:
+            (staging / name).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(version / name, staging / name, follow_symlinks=False)
+            except OSError:  # a file system without hard links
+                shutil.copyfile(version / name, staging / name, follow_symlinks=False)
+        searcher.save(staging / artifacts.INDEX_DIR)
+        return fields
+
+    return artifacts.publish(root, write, keep_versions=keep_versions), searcher

@@ -2,6 +2,8 @@
 
 import dataclasses
 import json
+import pathlib
+import pickle
 import shutil
 
 import numpy as np
@@ -144,6 +146,55 @@ def test_load_errors_name_the_file(tmp_path):
     with pytest.raises(IndexLoadError, match="index.json"):
         load(tmp_path / "b")
     assert issubclass(IndexLoadError, ValueError)
+
+
+def test_load_reads_only_its_own_files(tmp_path):
+    """Names in the descriptor and in ScaNN's asset list never lead outside the index directory,
+    no symlink is followed, and ScaNN's docids pickle is refused, not unpickled."""
+    items_NxD, q_QxD = _small()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for kind in ("scann", "exact"):
+        build(items_NxD, IndexConfig(kind=kind)).save(tmp_path / kind)
+    shutil.copy(tmp_path / "scann" / "rows.npy", outside / "rows.npy")
+
+    def fresh(kind):
+        shutil.rmtree(tmp_path / "x", ignore_errors=True)
+        return pathlib.Path(shutil.copytree(tmp_path / kind, tmp_path / "x"))
+
+    for key, kind, value in (("rows_file", "scann", str(outside / "rows.npy")),
+                             ("rows_file", "exact", "../outside/rows.npy"),
+                             ("items_file", "exact", "/etc/hostname"),
+                             ("scann_dir", "scann", "../outside")):
+        d = fresh(kind)
+        desc = json.loads((d / "index.json").read_text())
+        (d / "index.json").write_text(json.dumps({**desc, key: value}))
+        with pytest.raises(IndexLoadError, match=f"{key} '{value}' is not"):
+            load(d)
+    d = fresh("scann")
+    (d / "scann" / "scann_docids.pkl").write_bytes(pickle.dumps(list(range(len(items_NxD)))))
+    with pytest.raises(IndexLoadError, match="scann_docids.pkl"):
+        load(d)
+    d = fresh("scann")
+    assets = d / "scann" / "scann_assets.pbtxt"
+    shutil.move(d / "scann" / "dataset.npy", outside / "dataset.npy")
+    assets.write_text(assets.read_text().replace('"dataset.npy"', '"../../outside/dataset.npy"'))
+    with pytest.raises(IndexLoadError, match="names '../../outside/dataset.npy'"):
+        load(d)
+    for link in ("rows.npy", "scann/dataset.npy", "scann"):
+        d = fresh("scann")
+        shutil.move(d / link, outside / "moved")
+        (d / link).symlink_to(outside / "moved", target_is_directory=(outside / "moved").is_dir())
+        with pytest.raises(IndexLoadError, match="is a symlink"):
+            load(d)
+        shutil.rmtree(outside / "moved") if (outside / "moved").is_dir() else (
+            outside / "moved").unlink()
+    (tmp_path / "link").symlink_to(tmp_path / "scann", target_is_directory=True)
+    with pytest.raises(IndexLoadError, match="is a symlink"):
+        load(tmp_path / "link")
+    for got, want in zip(load(fresh("scann")).search(q_QxD, 5), load(tmp_path / "scann").search(
+            q_QxD, 5)):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_derived_params_and_overrides():

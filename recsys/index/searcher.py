@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
-import re
+import stat
 
 import numpy as np
 import scann
+from google.protobuf import text_format
+from scann.scann_ops import scann_assets_pb2
 
 from recsys.config import IndexConfig
 from recsys.index.params import ScannParams, derive_params
@@ -18,11 +21,12 @@ DESCRIPTOR_FILE = "index.json"
 ROWS_FILE = "rows.npy"  # [M] int64: original row number of each indexed vector
 ITEMS_FILE = "items.npy"  # exact: [M, D] float32 indexed vectors
 SCANN_DIR = "scann"  # scann: ScaNN's own artifacts, serialized with relative asset paths
+SCANN_CONFIG = "scann_config.pb"  # in SCANN_DIR, read by ScaNN itself
+SCANN_ASSETS = "scann_assets.pbtxt"  # in SCANN_DIR: the asset files, by plain name
 FORMAT_VERSION = 1
 
 _QUERY_BLOCK = 256  # queries scored at once by ExactSearcher
 _ITEM_CHUNK = 16384  # items scored at once by ExactSearcher (256 x 16384 scores = 16 MiB)
-_ASSET_PATH = re.compile(r'asset_path:\s*"([^"]*)"')
 
 
 class IndexLoadError(ValueError):
@@ -176,22 +180,29 @@ def build(item_vectors: np.ndarray, cfg: IndexConfig,
 
 
 def load(directory: str | pathlib.Path) -> Searcher:
-    """Rebuilds the searcher saved in `directory`; raises IndexLoadError naming what is wrong."""
+    """Rebuilds the searcher saved in `directory`; raises IndexLoadError naming what is wrong.
+
+    Only this directory's own files are read, by the names `save` writes (never a path from the
+    descriptor or ScaNN's asset list that is absolute or leaves the directory), no symlink is
+    followed, and ScaNN's optional pickle of document ids is refused rather than unpickled.
+    """
     directory = pathlib.Path(directory)
-    if not directory.is_dir():
-        raise IndexLoadError(f"index directory not found: {directory}")
+    _check_entry(directory, "index directory", is_dir=True)
     desc = _read_descriptor(directory)
     try:
         kind, num_rows, dim = desc["kind"], int(desc["num_rows"]), int(desc["dim"])
-        rows_M = _read_npy(directory / desc["rows_file"], np.int64, 1)
+        _check_own_name(directory, desc, "rows_file", ROWS_FILE)
+        rows_M = _read_npy(directory / ROWS_FILE, np.int64, 1)
         if kind == "exact":
-            items_MxD = _read_npy(directory / desc["items_file"], np.float32, 2)
-            _check_count(directory / desc["items_file"], len(items_MxD), len(rows_M))
+            _check_own_name(directory, desc, "items_file", ITEMS_FILE)
+            items_MxD = _read_npy(directory / ITEMS_FILE, np.float32, 2)
+            _check_count(directory / ITEMS_FILE, len(items_MxD), len(rows_M))
             return ExactSearcher._restore(items_MxD, rows_M, num_rows)
         if kind == "scann":
             params = ScannParams.from_dict(desc["params"])
-            scann_searcher = _load_scann(directory / desc["scann_dir"])
-            _check_count(directory / desc["scann_dir"], scann_searcher.size(), len(rows_M))
+            _check_own_name(directory, desc, "scann_dir", SCANN_DIR)
+            scann_searcher = _load_scann(directory / SCANN_DIR)
+            _check_count(directory / SCANN_DIR, scann_searcher.size(), len(rows_M))
             return ScannSearcher._restore(scann_searcher, params, rows_M, num_rows, dim)
     except IndexLoadError:
         raise
@@ -298,8 +309,7 @@ def _write_descriptor(directory: pathlib.Path, searcher: Searcher, extra: dict) 
 
 def _read_descriptor(directory: pathlib.Path) -> dict:
     path = directory / DESCRIPTOR_FILE
-    if not path.is_file():
-        raise IndexLoadError(f"index descriptor missing: {path} (incomplete or not an index)")
+    _check_entry(path, "index descriptor")
     try:
         desc = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -309,9 +319,27 @@ def _read_descriptor(directory: pathlib.Path) -> dict:
     return desc
 
 
+def _check_entry(path: pathlib.Path, what: str, *, is_dir: bool = False) -> None:
+    """`path` exists as a regular file (or directory) itself, not through a symlink."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        raise IndexLoadError(f"{what} not found: {path} (incomplete or not an index)") from None
+    if stat.S_ISLNK(mode):
+        raise IndexLoadError(f"{what} is a symlink: {path} (an index is read only from itself)")
+    if not (stat.S_ISDIR(mode) if is_dir else stat.S_ISREG(mode)):
+        raise IndexLoadError(f"{what} is not a {'directory' if is_dir else 'regular file'}: {path}")
+
+
+def _check_own_name(directory: pathlib.Path, desc: dict, key: str, name: str) -> None:
+    """The descriptor names each file for the reader's information only: it must be ours."""
+    if desc.get(key) != name:
+        raise IndexLoadError(f"{directory / DESCRIPTOR_FILE}: {key} {desc.get(key)!r} is not "
+                             f"{name!r} (an index reads only its own files, inside its directory)")
+
+
 def _read_npy(path: pathlib.Path, dtype: type, ndim: int) -> np.ndarray:
-    if not path.is_file():
-        raise IndexLoadError(f"index file missing: {path}")
+    _check_entry(path, "index file")
     try:
         array = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
@@ -328,17 +356,37 @@ def _check_count(path: pathlib.Path, found: int, expected: int) -> None:
 
 
 def _load_scann(scann_dir: pathlib.Path):
-    assets = scann_dir / "scann_assets.pbtxt"
-    for name in ("scann_config.pb", assets.name):
-        if not (scann_dir / name).is_file():
-            raise IndexLoadError(f"index file missing: {scann_dir / name}")
-    for asset in _ASSET_PATH.findall(assets.read_text()):
-        if pathlib.PurePath(asset).is_absolute():
-            raise IndexLoadError(f"{assets} names absolute path {asset}; the index breaks if "
-                                 "moved. Re-save it with recsys.index (relative paths)")
-        if not (scann_dir / asset).is_file():
-            raise IndexLoadError(f"index file missing: {scann_dir / asset}")
+    """ScaNN's searcher from its files in `scann_dir` and nowhere else.
+
+    Not `scann_ops_pybind.load_searcher`: that unpickles a `scann_docids.pkl` if one is present
+    and reads asset paths as written. Here every asset must be a plain file name in `scann_dir`;
+    ScaNN is handed their absolute paths, and any other file there is refused.
+    """
+    _check_entry(scann_dir, "index directory", is_dir=True)
+    assets_file = scann_dir / SCANN_ASSETS
+    for name in (SCANN_CONFIG, SCANN_ASSETS):
+        _check_entry(scann_dir / name, "index file")
     try:
-        return scann.scann_ops_pybind.load_searcher(str(scann_dir))
+        assets = text_format.Parse(assets_file.read_text(), scann_assets_pb2.ScannAssets())
+    except (OSError, UnicodeDecodeError, text_format.ParseError) as e:
+        raise IndexLoadError(f"{assets_file} unreadable: {e}") from e
+    names = set()
+    for asset in assets.assets:
+        name = asset.asset_path
+        if pathlib.PurePath(name).is_absolute():
+            raise IndexLoadError(f"{assets_file} names absolute path {name}: an index reads only "
+                                 "files inside its directory (re-save it with recsys.index)")
+        if not name or pathlib.PurePath(name).name != name or name in (".", ".."):
+            raise IndexLoadError(f"{assets_file} names {name!r}, not a file of {scann_dir}")
+        _check_entry(scann_dir / name, "index file")
+        asset.asset_path = os.path.join(os.path.abspath(scann_dir), name)
+        names.add(name)
+    for name in sorted(set(os.listdir(scann_dir)) - names - {SCANN_CONFIG, SCANN_ASSETS}):
+        raise IndexLoadError(f"{scann_dir / name}: not a file recsys's ScaNN index writes "
+                             "(ScaNN would unpickle a scann_docids.pkl); refusing to load")
+    pybind = scann.scann_ops_pybind
+    try:
+        return pybind.ScannSearcher(pybind.scann_pybind.ScannNumpy(
+            str(scann_dir), text_format.MessageToString(assets)), None)
     except (RuntimeError, ValueError) as e:
         raise IndexLoadError(f"ScaNN could not load {scann_dir}: {e}") from e

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from recsys import features
 from recsys.config import NUM_YEAR_BUCKETS, RankerConfig
 from recsys.models import layers
 from recsys.models.ranker_inputs import GAP_BUCKETS, NUM_NUMERIC
@@ -116,8 +117,7 @@ class Ranker(nnx.Module):
         def per_request(x_BxK):
             return jnp.broadcast_to(x_BxK[:, None, :], (b, n, x_BxK.shape[-1]))
 
-        numeric = jnp.concatenate([batch["item_sims"], batch["item_stats"],
-                                   per_request(batch["context"])], -1)
+        numeric = features.ranker_numeric(batch, jnp)
         numeric = (numeric - self.numeric_mean[...]) / self.numeric_std[...]
         parts = [self.genre_proj(batch["item_genres"]), self.year_table(batch["item_year"]),
                  self.gap_table(batch["year_gap"])]

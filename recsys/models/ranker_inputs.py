@@ -7,8 +7,8 @@ import dataclasses
 import numpy as np
 
 from recsys.config import NUM_YEAR_BUCKETS
+from recsys.features import DAY, ranker_numeric, year_bucket_of_time
 
-DAY = 86_400  # seconds
 WINDOWS_DAYS = (1, 7, 30, 365)  # trailing windows of item popularity at the request time
 NUM_ITEM_STATS = 3 + len(WINDOWS_DAYS)  # logpop, windows..., log age in days, known-before flag
 NUM_CONTEXT = 3  # log1p(history length), log1p(days since the last event), last time known
@@ -59,12 +59,6 @@ class RankerTables:
     item_logpop: np.ndarray  # [V] log(1 + training count)
     user_features: np.ndarray  # [U, F] category codes
     timeline: ItemTimeline
-
-
-def year_bucket_of_time(time_B: np.ndarray) -> np.ndarray:
-    """The 5-year bucket (as in recsys.data.dataset.year_bucket) of Unix times in seconds."""
-    years = 1970 + np.asarray(time_B, np.float64) / (365.2425 * DAY)
-    return np.clip((years.astype(np.int64) - 1900) // 5 + 1, 1, NUM_YEAR_BUCKETS - 1)
 
 
 def request_inputs(tables: RankerTables, q_BxD, user_B, history_BxL, time_B,
@@ -134,16 +128,10 @@ def similarities(x: dict) -> np.ndarray:
     return np.stack([score_BxN, last_BxN, closest_BxN, affinity_BxN], -1).astype(np.float32)
 
 
-def numeric(x: dict) -> np.ndarray:
-    """[B, N, NUM_NUMERIC]: the features the model standardises (see `numeric_stats`)."""
-    b, n = x["item"].shape
-    context = np.broadcast_to(x["context"][:, None, :], (b, n, NUM_CONTEXT))
-    return np.concatenate([x["item_sims"], x["item_stats"], context], -1)
-
-
 def numeric_stats(inputs: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and standard deviation (floored at 1e-3) of the numeric features over real candidates."""
-    rows = np.concatenate([numeric(x)[x["item"] > 0] for x in inputs]).astype(np.float64)
+    """Mean and standard deviation (floored at 1e-3) of the numeric features
+    (recsys.features.ranker_numeric, [NUM_NUMERIC] each) over real candidates."""
+    rows = np.concatenate([ranker_numeric(x)[x["item"] > 0] for x in inputs]).astype(np.float64)
     return rows.mean(0).astype(np.float32), np.maximum(rows.std(0), 1e-3).astype(np.float32)
 
 

@@ -1,4 +1,4 @@
-"""Loads an artifacts directory into arrays and compiled functions (no training code needed)."""
+"""Loads a sealed artifacts bundle into arrays and compiled functions (no training code needed)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import pathlib
 import jax
 import numpy as np
 
+from recsys import artifacts as bundle
 from recsys import index as index_lib
-from recsys.artifacts import ArtifactError, verify
+from recsys.artifacts import ArtifactError
 from recsys.data.vocab import Vocab
 from recsys.models.ranker_inputs import ItemTimeline, RankerTables
 
@@ -37,37 +38,38 @@ class Loaded:
     searcher: object
 
 
-def load(directory: str | pathlib.Path, check: bool = True) -> Loaded:
-    """Verifies checksums (when `check`) and loads every file of an artifacts directory."""
-    directory = pathlib.Path(directory)
-    if not directory.is_dir():
-        raise ArtifactError(f"artifacts directory not found: {directory}")
-    manifest = verify(directory) if check else _manifest_only(directory)
-    try:
-        feats = np.load(directory / "item_features.npz")
-        users = np.load(directory / "users.npz")
-        has_ranker = manifest.get("has_ranker", False)
-        query_fn, query_names = _exported_with_names(directory / "query_tower.jax")
-        return Loaded(
-            manifest=manifest,
-            items=Vocab.from_sorted(np.load(directory / "item_ids.npy")),
-            users=Vocab.from_sorted(np.load(directory / "user_ids.npy")),
-            item_vectors=np.load(directory / "item_vectors.npy"),
-            item_genres=feats["genres"], item_year=feats["year"], item_logpop=feats["logpop"],
-            item_titles=feats["titles"] if "titles" in feats.files else None,
-            item_release_year=(feats["release_year"] if "release_year" in feats.files
-                               else None),
-            user_features=users["features"], history_offsets=users["history_offsets"],
-            history_items=users["history_items"], history_times=users["history_times"],
-            query_fn=query_fn, query_input_names=query_names,
-            query_params=_on_device(directory / "query_params.npz"),
-            ranker_fn=_exported(directory / "ranker.jax") if has_ranker else None,
-            ranker_params=_on_device(directory / "ranker_params.npz") if has_ranker else None,
-            searcher=index_lib.load(directory / "index"))
-    except (OSError, KeyError, ValueError) as e:
-        if isinstance(e, ArtifactError):
+def load(path: str | pathlib.Path) -> Loaded:
+    """Loads a sealed bundle: an artifacts root's current version (the pointer is read once) or
+    a version directory. Every file is verified (recsys.artifacts.verify) before any is read."""
+    with bundle.reading(path) as version:  # garbage collection leaves it alone meanwhile
+        manifest = bundle.verify(version)
+        try:
+            return _read(version, manifest)
+        except ArtifactError:
             raise
-        raise ArtifactError(f"{directory}: cannot read artifacts: {e}") from None
+        except Exception as e:  # whatever a verified but unusable file raises, named
+            raise ArtifactError(f"{version}: cannot read artifacts: {e}") from e
+
+
+def _read(d: pathlib.Path, manifest: dict) -> Loaded:
+    feats = _arrays(d / bundle.ITEM_FEATURES)
+    users = _arrays(d / bundle.USERS)
+    has_ranker = manifest.get("has_ranker", False)
+    query_fn, query_names = _exported_with_names(d / bundle.QUERY_TOWER)
+    return Loaded(
+        manifest=manifest,
+        items=Vocab.from_sorted(_array(d / bundle.ITEM_IDS)),
+        users=Vocab.from_sorted(_array(d / bundle.USER_IDS)),
+        item_vectors=_array(d / bundle.ITEM_VECTORS),
+        item_genres=feats["genres"], item_year=feats["year"], item_logpop=feats["logpop"],
+        item_titles=feats.get("titles"), item_release_year=feats.get("release_year"),
+        user_features=users["features"], history_offsets=users["history_offsets"],
+        history_items=users["history_items"], history_times=users["history_times"],
+        query_fn=query_fn, query_input_names=query_names,
+        query_params=_on_device(d / bundle.QUERY_PARAMS),
+        ranker_fn=_exported_with_names(d / bundle.RANKER)[0] if has_ranker else None,
+        ranker_params=_on_device(d / bundle.RANKER_PARAMS) if has_ranker else None,
+        searcher=index_lib.load(d / bundle.INDEX_DIR))
 
 
 def ranker_tables(a: Loaded) -> RankerTables:
@@ -77,22 +79,20 @@ def ranker_tables(a: Loaded) -> RankerTables:
                         a.user_features, timeline)
 
 
-def _manifest_only(directory: pathlib.Path) -> dict:
-    import json
-    path = directory / "manifest.json"
-    if not path.is_file():
-        raise ArtifactError(f"{directory}: manifest.json is missing (was the export interrupted?)")
-    return json.loads(path.read_text())
+def _array(path: pathlib.Path) -> np.ndarray:
+    return np.load(path, allow_pickle=False)
+
+
+def _arrays(path: pathlib.Path) -> dict:
+    """Every array of an .npz, read now (the file is closed on return)."""
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
 
 
 def _on_device(path: pathlib.Path) -> dict:
     """Parameters as device arrays, placed once: numpy arguments would be copied on every call
     (the query tower's item table alone is 128 MB at 1M items x 32)."""
-    return {k: jax.device_put(v) for k, v in np.load(path).items()}
-
-
-def _exported(path: pathlib.Path):
-    return _exported_with_names(path)[0]
+    return {k: jax.device_put(v) for k, v in _arrays(path).items()}
 
 
 def _exported_with_names(path: pathlib.Path):

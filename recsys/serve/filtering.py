@@ -6,7 +6,7 @@ import threading
 
 import numpy as np
 
-from recsys.data.dataset import year_bucket
+from recsys.features import year_bucket
 from recsys.serve.artifacts import Loaded
 from recsys.serve.requests import Request
 

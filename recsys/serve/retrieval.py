@@ -8,7 +8,7 @@ from collections.abc import Callable
 import numpy as np
 
 from recsys.config import ServeConfig
-from recsys.data.batches import time_context
+from recsys.features import TIME_CONTEXT, query_inputs, time_context
 from recsys.serve.artifacts import Loaded
 from recsys.serve.requests import BATCH_BUCKETS, Request, bucket, pad
 
@@ -53,15 +53,15 @@ class Retriever:
         """The query tower over a padded bucket; it gets the inputs its export names."""
         a, b = self._loaded, len(user_B)
         size = bucket(b)
-        users = pad(np.asarray(user_B, np.int32), size)
-        inputs = {"user": users, "history": pad(np.asarray(hist_BxL, np.int32), size),
-                  "user_feats": a.user_features[users]}
-        if "time_context" in a.query_input_names:
+        context = None
+        if TIME_CONTEXT in a.query_input_names:
             times = np.full(size, self._default_time, np.int64)
             last = np.full(size, -1, np.int64)
             if time_B is not None:
                 times[:b], last[:b] = time_B, last_time_B
-            inputs["time_context"] = time_context(times, last)
+            context = time_context(times, last)
+        inputs = query_inputs(a.user_features, pad(np.asarray(user_B, np.int32), size),
+                              pad(np.asarray(hist_BxL, np.int32), size), context)
         return np.asarray(a.query_fn(a.query_params, inputs))[:b]
 
     def depth(self, reqs: list[Request]) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from recsys.features import zeros_from_spec
 from recsys.models.ranker_inputs import input_spec, ranker_inputs
 from recsys.serve import artifacts
 from recsys.serve.requests import BATCH_BUCKETS, Request, bucket, pad
@@ -56,6 +57,4 @@ class Scorer:
         return np.asarray(self._loaded.ranker_fn(self._loaded.ranker_params, typed))
 
     def _zero_inputs(self, b: int) -> dict:
-        return {k: np.zeros([b if s == "b" else self._n if s == "n" else int(s)
-                             for s in shape.split(", ")], dtype)
-                for k, (dtype, shape) in self._spec.items()}
+        return zeros_from_spec(self._spec, b, self._n)

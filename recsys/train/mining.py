@@ -106,7 +106,7 @@ class MinedNegatives:
             return
         path = self._path(last)
         if path.is_file():
-            with np.load(path) as saved:
+            with np.load(path, allow_pickle=False) as saved:
                 self.items_PxH, self.log_q_P = saved["items"], saved["log_q"]
         else:
             self.refresh(model, last)
