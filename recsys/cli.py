@@ -69,18 +69,28 @@ def _config(args):
     return config_lib.apply_overrides(config_lib.load(args.config), args.set)
 
 
+def _workdir(args) -> pathlib.Path:
+    """--workdir as a path; refused in one line when it, or one above it, is not a directory."""
+    from recsys.config import ConfigError
+    workdir = pathlib.Path(args.workdir)
+    for path in (workdir, *workdir.parents):
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"--workdir {workdir}: {path} exists and is not a directory")
+    return workdir
+
+
 def cmd_pipeline(args) -> int:
     from recsys import pipeline
-    cfg = _config(args)
-    metrics = pipeline.run(cfg, pathlib.Path(args.workdir))
-    _summary(metrics, pathlib.Path(args.workdir))
+    workdir = _workdir(args)
+    metrics = pipeline.run(_config(args), workdir)
+    _summary(metrics, workdir)
     return 0
 
 
 def cmd_train(args) -> int:
     from recsys import pipeline
-    cfg = _config(args)
-    metrics = pipeline.train(cfg, pathlib.Path(args.workdir))
+    workdir = _workdir(args)
+    metrics = pipeline.train(_config(args), workdir)
     print(json.dumps({k: v for k, v in metrics.items() if k.startswith(("train/", "ranker/"))},
                      indent=2))
     return 0
@@ -88,8 +98,8 @@ def cmd_train(args) -> int:
 
 def cmd_export(args) -> int:
     from recsys import pipeline
-    cfg = _config(args)
-    out = pipeline.export(cfg, pathlib.Path(args.workdir))
+    workdir = _workdir(args)
+    out = pipeline.export(_config(args), workdir)
     import jax
     if jax.process_index() == 0:  # the one that wrote them
         print(f"artifacts written to {out}")
@@ -98,9 +108,9 @@ def cmd_export(args) -> int:
 
 def cmd_eval(args) -> int:
     from recsys import pipeline
-    cfg = _config(args)
-    metrics = pipeline.evaluate(cfg, pathlib.Path(args.workdir))
-    _summary(metrics, pathlib.Path(args.workdir))
+    workdir = _workdir(args)
+    metrics = pipeline.evaluate(_config(args), workdir)
+    _summary(metrics, workdir)
     return 0
 
 
@@ -142,7 +152,8 @@ def cmd_serve(args) -> int:
 
 def _print_recommendation(out) -> None:
     if out.unknown_ids:
-        print(f"unknown ids (ignored): {', '.join(map(str, out.unknown_ids))}")
+        # repr: an id such as " 3 " is unknown because of its spaces, which str() would hide
+        print(f"unknown ids (ignored): {', '.join(map(repr, out.unknown_ids))}")
     if out.cold_start:
         print("cold start: no known user or history, serving popular items")
     for i, (item, score) in enumerate(zip(out.items, out.scores)):
@@ -165,13 +176,17 @@ def _summary(metrics: dict, workdir: pathlib.Path) -> None:
             print(f"  {k:24s} {v:.4f}" if isinstance(v, float) else f"  {k:24s} {v}")
     print(f"  metrics: {workdir / 'metrics.json'}  artifacts: {workdir / 'artifacts'}")
     artifacts = workdir / "artifacts"
-    if (artifacts / "manifest.json").is_file():
+    if artifacts.is_dir():  # a bundle root (recsys.artifacts): Recommender.load finds its version
+        from recsys.artifacts import ArtifactError
         from recsys.serve import Recommender
-        rec = Recommender.load(artifacts)
-        user = rec.a.users.ids[0]
+        try:
+            rec = Recommender.load(artifacts)
+        except ArtifactError as e:  # the metrics stand; only the sample is missing
+            print(f"\nno sample recommendation: {e}")
+            return
+        user = rec.artifacts.users.ids[0].item()
         print(f"\nsample: recsys serve --artifacts {artifacts} --user {user}")
-        _print_recommendation(rec.recommend(user_id=user.item() if hasattr(user, "item") else user,
-                                            k=5))
+        _print_recommendation(rec.recommend(user_id=user, k=5))
 
 
 COMMANDS = {"pipeline": cmd_pipeline, "train": cmd_train, "export": cmd_export, "eval": cmd_eval,

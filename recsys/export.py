@@ -91,8 +91,7 @@ def _write_files(directory: pathlib.Path, files: dict) -> None:
 
 def export_artifacts(out_dir: pathlib.Path, *, cfg: config_lib.Config, ds: Dataset, two_tower,
                      item_vectors: np.ndarray, ranker=None, ranker_inputs=None,
-                     manifest: dict | None = None,
-                     keep_versions: int = artifacts.KEEP_VERSIONS) -> tuple[pathlib.Path, object]:
+                     manifest: dict | None = None) -> tuple[pathlib.Path, object]:
     """Publishes the towers, ranker, features, histories and a fresh index as a new version of
     the artifacts root `out_dir`; returns (the version directory, its searcher)."""
     tables = ds.features
@@ -123,7 +122,7 @@ def export_artifacts(out_dir: pathlib.Path, *, cfg: config_lib.Config, ds: Datas
         searcher.save(staging / artifacts.INDEX_DIR)
         return info
 
-    return artifacts.publish(out_dir, write, keep_versions=keep_versions), searcher
+    return artifacts.publish(out_dir, write, keep_versions=cfg.export.keep_versions), searcher
 
 
 def _index_params(searcher) -> dict:
@@ -155,8 +154,7 @@ def _user_histories(ds: Dataset) -> dict:
             "history_items": ds.seq_items[keep], "history_times": ds.seq_times[keep]}
 
 
-def rewrite_index(version: pathlib.Path, item_vectors: np.ndarray, cfg: config_lib.Config,
-                  keep_versions: int = artifacts.KEEP_VERSIONS):
+def rewrite_index(version: pathlib.Path, item_vectors: np.ndarray, cfg: config_lib.Config):
     """Publishes a copy of a version with its index rebuilt by cfg.index.
 
     Call it inside `artifacts.reading(...)`, after `artifacts.verify(version)`: the copy is sealed
@@ -187,4 +185,4 @@ def rewrite_index(version: pathlib.Path, item_vectors: np.ndarray, cfg: config_l
         searcher.save(staging / artifacts.INDEX_DIR)
         return fields
 
-    return artifacts.publish(root, write, keep_versions=keep_versions), searcher
+    return artifacts.publish(root, write, keep_versions=cfg.export.keep_versions), searcher

@@ -1,7 +1,13 @@
-"""The whole funnel, end to end: data -> retrieval -> ranker -> artifacts + index -> evaluation."""
+"""The whole funnel, end to end: train (retrieval, ranker) -> export (artifacts + index) -> evaluate.
+
+`recsys pipeline` runs the three stages in one process; `recsys train`, `export` and `eval` run
+one each. Export and eval only ever restore the models a finished `recsys train` left in the
+workdir's checkpoints (never train); every stage's metrics go through `write_metrics`.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import time
@@ -10,71 +16,157 @@ import jax
 import numpy as np
 from flax import nnx
 
+from recsys import artifacts, features, plan, sharding
 from recsys import config as config_lib
 from recsys import index as index_lib
-from recsys import plan, sharding
 from recsys.config import Config
 from recsys.data import dataset as dataset_lib
 from recsys.data.sources import load_raw
 from recsys.eval import metrics as metrics_lib
 from recsys.eval import protocol
 from recsys.export import export_artifacts
+from recsys.models.ranker_inputs import RankerTables
 from recsys.serve import Recommender
-from recsys.train.loop import train_retrieval
-from recsys.train.ranker import train_ranker
+from recsys.train.loop import Trained, load_retrieval, train_retrieval
+from recsys.train.ranker import load_ranker, train_ranker
 
 EVAL_BATCH = 256  # requests per recommend_batch call in the pipeline evaluation (its largest bucket)
+
+
+@dataclasses.dataclass
+class Models:
+    """Both models, trained or restored, with the data and mesh they belong to."""
+
+    ds: dataset_lib.Dataset
+    mesh: jax.sharding.Mesh
+    retrieval: Trained
+    ranker: Trained | None  # None when cfg.ranker.steps == 0
+    ranker_tables: RankerTables | None  # what the served ranker reads by row (from retrieval)
+
+    @property
+    def metrics(self) -> dict:
+        """train/* and ranker/* keys (from the checkpoints' metadata when restored)."""
+        return {**self.retrieval.metrics, **(self.ranker.metrics if self.ranker else {})}
+
+
+def run(cfg: Config, workdir: pathlib.Path) -> dict:
+    """Trains both models, exports artifacts with a fresh index, evaluates every stage."""
+    t0 = time.time()
+    lap = _Laps()
+    models = train_models(cfg, workdir, lap)
+    version = export_models(cfg, workdir, models, lap)
+    metrics = evaluate_models(cfg, models, version, lap)
+    return write_metrics(workdir, models.ds, {
+        **models.metrics, **metrics, **{f"seconds/{k}": s for k, s in lap.seconds.items()},
+        "wall_seconds": time.time() - t0})
+
+
+def train(cfg: Config, workdir: pathlib.Path) -> dict:
+    """`recsys train`: both models; writes the train/* (and ranker/*) keys to metrics.json."""
+    t0 = time.time()
+    models = train_models(cfg, workdir)
+    return write_metrics(workdir, models.ds, {**models.metrics, "wall_seconds": time.time() - t0})
+
+
+def export(cfg: Config, workdir: pathlib.Path) -> pathlib.Path | None:
+    """`recsys export`: a new artifacts version from the workdir's checkpoints (never trains)."""
+    return export_models(cfg, workdir, load_models(cfg, workdir))
+
+
+def evaluate(cfg: Config, workdir: pathlib.Path) -> dict:
+    """`recsys eval`: test metrics of the checkpoint's retrieval, the published index and the
+    served pipeline (never trains)."""
+    models = load_models(cfg, workdir)
+    root = pathlib.Path(workdir) / artifacts.ROOT
+    version = artifacts.published(root) if jax.process_index() == 0 else None
+    return write_metrics(workdir, models.ds, evaluate_models(cfg, models, version))
+
+
+def train_models(cfg: Config, workdir: pathlib.Path, lap: _Laps | None = None) -> Models:
+    """Trains (resuming from the workdir's checkpoints) the retrieval model, then the ranker."""
+    lap = lap or _Laps()
+    workdir = pathlib.Path(workdir)
+    ds, mesh = _setup(cfg, workdir, training=True)
+    lap("load_data")
+    retrieval = train_retrieval(cfg, ds, workdir, mesh)
+    lap("train_retrieval")
+    ranker, tables = None, None
+    if cfg.ranker.steps > 0:
+        ranker, tables = train_ranker(cfg, ds, retrieval, workdir, mesh)
+        lap("train_ranker")
+    return Models(ds, mesh, retrieval, ranker, tables)
+
+
+def load_models(cfg: Config, workdir: pathlib.Path) -> Models:
+    """Restores both models of a finished `recsys train` (CheckpointError when there are none)."""
+    workdir = pathlib.Path(workdir)
+    ds, mesh = _setup(cfg, workdir, training=False)
+    retrieval = load_retrieval(cfg, ds, workdir, mesh)
+    ranker, tables = None, None
+    if cfg.ranker.steps > 0:
+        ranker, tables = load_ranker(cfg, ds, retrieval, workdir, mesh)
+    return Models(ds, mesh, retrieval, ranker, tables)
+
+
+def export_models(cfg: Config, workdir: pathlib.Path, models: Models,
+                  lap: _Laps | None = None) -> pathlib.Path | None:
+    """Publishes the models as a new version of WORKDIR/artifacts; returns it (None on processes
+    other than 0, which only help gather the models)."""
+    lap = lap or _Laps()
+    retrieval = models.retrieval.model()
+    items_VxD = protocol.item_vectors(retrieval, models.ds.features)
+    two_tower = local_model(retrieval)  # every process gathers; process 0 writes
+    ranker = local_model(models.ranker.model()) if models.ranker else None
+    version = None
+    if jax.process_index() == 0:
+        version, _ = export_artifacts(
+            pathlib.Path(workdir) / artifacts.ROOT, cfg=cfg, ds=models.ds, two_tower=two_tower,
+            item_vectors=items_VxD, ranker=ranker, ranker_inputs=models.ranker_tables,
+            manifest={"metrics": models.metrics})
+    lap("export")
+    return version
+
+
+def evaluate_models(cfg: Config, models: Models, version: pathlib.Path | None,
+                    lap: _Laps | None = None) -> dict:
+    """Test metrics: retrieval/* of the model; with an artifacts `version`, index/recall@10 of its
+    index and pipeline/* (and ordering/*) of the Recommender serving it (process 0)."""
+    lap = lap or _Laps()
+    ds = models.ds
+    ev = protocol.evaluate_retrieval(models.retrieval.model(), ds, "test", cfg.eval)
+    r = cfg.serve.num_candidates
+    metrics = {**{f"retrieval/{k}": v for k, v in ev.metrics.items()},
+               f"retrieval/recall@{r}": float(np.mean(ev.ranks < r))}
+    lap("evaluate_retrieval")
+    if version is not None:
+        rec = Recommender.load(version)
+        metrics["index/recall@10"] = index_recall(rec.artifacts.searcher, ev.item_vectors,
+                                                  ev.query_vectors)
+        metrics.update(evaluate_pipeline(rec, ds, ev.positions))
+        lap("evaluate_pipeline")
+    return metrics
+
+
+def write_metrics(workdir: pathlib.Path, ds: dataset_lib.Dataset, metrics: dict) -> dict:
+    """The one writer of workdir/metrics.json: the dataset header plus `metrics`, merged into what
+    earlier commands wrote (process 0 only; the file is replaced atomically). Returns what it
+    added."""
+    metrics = {"dataset": ds.name, "num_items": ds.num_items, "num_users": ds.num_users,
+               "data/unknown_item_events": ds.unknown_item_events, **metrics}
+    if jax.process_index() != 0:
+        return metrics
+    path = pathlib.Path(workdir) / "metrics.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({**old, **metrics}, indent=2, sort_keys=True,
+                              default=lambda x: x.item() if hasattr(x, "item") else str(x)))
+    tmp.replace(path)
+    return metrics
 
 
 def load_data(cfg: Config) -> dataset_lib.Dataset:
     raw = load_raw(cfg.data)
     return dataset_lib.build(raw, cfg.data)
-
-
-def run(cfg: Config, workdir: pathlib.Path, *, export: bool = True) -> dict:
-    """Trains both models, exports artifacts with a fresh index, evaluates every stage."""
-    t0 = time.time()
-    workdir = pathlib.Path(workdir)
-    _prepare_workdir(cfg, workdir)
-    ds = load_data(cfg)
-    mesh = sharding.make_mesh(cfg.mesh)
-    _log(f"{ds.name}: {ds.num_users} users, {ds.num_items} items, {len(ds.seq_items)} events; "
-         f"mesh {dict(mesh.shape)}")
-    _log(plan.format_plan(plan.for_dataset(cfg, ds, mesh)))
-
-    lap = _Laps()
-    retrieval = train_retrieval(cfg, ds, workdir, mesh)
-    lap("train_retrieval")
-    metrics = {"dataset": ds.name, "num_items": ds.num_items, "num_users": ds.num_users,
-               **retrieval.metrics}
-    ev = protocol.evaluate_retrieval(retrieval.model(), ds, "test", cfg.eval)
-    lap("evaluate_retrieval")
-    metrics.update({f"retrieval/{k}": v for k, v in ev.metrics.items()})
-    r = cfg.serve.num_candidates
-    metrics[f"retrieval/recall@{r}"] = float(np.mean(ev.ranks < r))
-
-    ranker, ranker_inputs = (None, None)
-    if cfg.ranker.steps > 0:
-        ranker, ranker_inputs = train_ranker(cfg, ds, retrieval, workdir, mesh)
-        metrics.update(ranker.metrics)
-        lap("train_ranker")
-
-    if export:
-        two_tower = local_model(retrieval.model())  # every process gathers; process 0 writes
-        ranker_model = local_model(ranker.model()) if ranker else None
-    if export and jax.process_index() == 0:
-        out, searcher = export_artifacts(
-            workdir / "artifacts", cfg=cfg, ds=ds, two_tower=two_tower,
-            item_vectors=ev.item_vectors, ranker=ranker_model,
-            ranker_inputs=ranker_inputs, manifest={"metrics": dict(metrics)})
-        lap("export")
-        metrics["index/recall@10"] = index_recall(searcher, ev.item_vectors, ev.query_vectors)
-        metrics.update(evaluate_pipeline(out, ds, ev.positions, cfg))
-        lap("evaluate_pipeline")
-    metrics.update({f"seconds/{stage}": s for stage, s in lap.seconds.items()})
-    metrics["wall_seconds"] = time.time() - t0
-    write_metrics(workdir, metrics)
-    return metrics
 
 
 def local_model(model):
@@ -85,21 +177,17 @@ def local_model(model):
 
 def index_recall(searcher, items_VxD: np.ndarray, q_QxD: np.ndarray, k: int = 10) -> float:
     """Recall@k of the ANN index against exact search on the same query vectors."""
-    valid = np.ones(len(items_VxD), bool)
-    valid[0] = False
-    exact = index_lib.ExactSearcher(items_VxD, valid)
+    exact = index_lib.ExactSearcher(items_VxD, features.valid_rows(len(items_VxD)))
     return index_lib.recall_at_k(searcher.search(q_QxD, k)[1], exact.search(q_QxD, k)[1])
 
 
-def evaluate_pipeline(artifacts_dir: pathlib.Path, ds: dataset_lib.Dataset,
-                      positions: np.ndarray, cfg: Config) -> dict:
+def evaluate_pipeline(rec: Recommender, ds: dataset_lib.Dataset, positions: np.ndarray) -> dict:
     """HR@10 and NDCG@10 of the final lists the Recommender serves for each test event.
 
     Each request is the user's id at the event's time (the request context the ranker reads).
     The default ordering gives pipeline/*; MMR and exploration are scored beside it under
     ordering/mmr/* and ordering/explore/*, with intra-list diversity and catalogue coverage.
     """
-    rec = Recommender.load(artifacts_dir)
     users = ds.users.raw(ds.seq_users[positions])
     times = ds.seq_times[positions]
     targets = ds.seq_items[positions]
@@ -135,22 +223,19 @@ def _served_lists(rec: Recommender, ds: dataset_lib.Dataset, users, times, polic
     return ranked, float(np.mean(totals))
 
 
-def _prepare_workdir(cfg: Config, workdir: pathlib.Path) -> None:
-    workdir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        (workdir / "config.json").write_text(config_lib.dumps(cfg))
-
-
-def write_metrics(workdir: pathlib.Path, metrics: dict) -> None:
-    """Merges into workdir/metrics.json (process 0 only), replacing the file atomically."""
-    if jax.process_index() != 0:
-        return
-    path = pathlib.Path(workdir) / "metrics.json"
-    old = json.loads(path.read_text()) if path.is_file() else {}
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({**old, **metrics}, indent=2, sort_keys=True,
-                              default=lambda x: x.item() if hasattr(x, "item") else str(x)))
-    tmp.replace(path)
+def _setup(cfg: Config, workdir: pathlib.Path, *, training: bool):
+    """(dataset, mesh), and the memory plan logged. Training writes the resolved config into the
+    workdir (made if need be); restoring leaves the workdir as training left it."""
+    if training:
+        workdir.mkdir(parents=True, exist_ok=True)
+        if jax.process_index() == 0:
+            (workdir / "config.json").write_text(config_lib.dumps(cfg))
+    ds = load_data(cfg)
+    mesh = sharding.make_mesh(cfg.mesh)
+    _log(f"{ds.name}: {ds.num_users} users, {ds.num_items} items, {len(ds.seq_items)} events; "
+         f"mesh {dict(mesh.shape)}")
+    _log(plan.format_plan(plan.for_dataset(cfg, ds, mesh)))
+    return ds, mesh
 
 
 class _Laps:
@@ -171,70 +256,14 @@ def _log(message: str) -> None:
         print(message, flush=True)
 
 
-def _trained(cfg: Config, workdir: pathlib.Path, *, require_checkpoint: bool):
-    """Data, mesh and both models (restored from the workdir; trained if allowed and missing)."""
-    workdir = pathlib.Path(workdir)
-    if require_checkpoint and not (workdir / "checkpoints" / "retrieval").is_dir():
-        raise config_lib.ConfigError(f"no checkpoint in {workdir}/checkpoints: "
-                                     f"run `recsys train` with this --workdir first")
-    _prepare_workdir(cfg, workdir)
-    ds = load_data(cfg)
-    mesh = sharding.make_mesh(cfg.mesh)
-    _log(plan.format_plan(plan.for_dataset(cfg, ds, mesh)))
-    retrieval = train_retrieval(cfg, ds, workdir, mesh)
-    ranker = train_ranker(cfg, ds, retrieval, workdir, mesh) if cfg.ranker.steps else None
-    return ds, retrieval, ranker
-
-
-def train(cfg: Config, workdir: pathlib.Path) -> dict:
-    """`recsys train`: both models; writes the train/* (and ranker/*) keys to metrics.json."""
-    t0 = time.time()
-    ds, retrieval, ranker = _trained(cfg, workdir, require_checkpoint=False)
-    metrics = {"dataset": ds.name, "num_items": ds.num_items, "num_users": ds.num_users,
-               **retrieval.metrics, **(ranker[0].metrics if ranker else {}),
-               "wall_seconds": time.time() - t0}
-    write_metrics(workdir, metrics)
-    return metrics
-
-
-def export(cfg: Config, workdir: pathlib.Path) -> pathlib.Path:
-    """`recsys export`: artifacts (and a fresh index) from the workdir's checkpoints."""
-    ds, retrieval, ranker = _trained(cfg, workdir, require_checkpoint=True)
-    model = retrieval.model()
-    items_VxD = protocol.item_vectors(model, ds.features)
-    model = local_model(model)  # every process gathers; process 0 writes
-    ranker_model = local_model(ranker[0].model()) if ranker else None
-    out = pathlib.Path(workdir) / "artifacts"
-    if jax.process_index() == 0:
-        export_artifacts(out, cfg=cfg, ds=ds, two_tower=model, item_vectors=items_VxD,
-                         ranker=ranker_model, ranker_inputs=ranker[1] if ranker else None)
-    return out
-
-
-def evaluate(cfg: Config, workdir: pathlib.Path) -> dict:
-    """`recsys eval`: test metrics of retrieval (checkpoint), the index and the served pipeline."""
-    workdir = pathlib.Path(workdir)
-    ds, retrieval, _ = _trained(cfg, workdir, require_checkpoint=True)
-    ev = protocol.evaluate_retrieval(retrieval.model(), ds, "test", cfg.eval)
-    metrics = {"dataset": ds.name, "num_items": ds.num_items, "num_users": ds.num_users,
-               **{f"retrieval/{k}": v for k, v in ev.metrics.items()}}
-    artifacts_dir = workdir / "artifacts"
-    if jax.process_index() == 0 and (artifacts_dir / "manifest.json").is_file():
-        searcher = index_lib.load(artifacts_dir / "index")
-        metrics["index/recall@10"] = index_recall(searcher, ev.item_vectors, ev.query_vectors)
-        metrics.update(evaluate_pipeline(artifacts_dir, ds, ev.positions, cfg))
-    write_metrics(workdir, metrics)
-    return metrics
-
-
 def rebuild_index(artifacts_dir: pathlib.Path, overrides: list[str]) -> dict:
     """`recsys index`: rebuilds the searcher with new index.* settings; returns its recall@10."""
-    from recsys.artifacts import verify
     from recsys.export import rewrite_index
-    manifest = verify(artifacts_dir)
-    cfg = config_lib.apply_overrides(config_lib.from_dict(manifest["config"]), overrides)
-    items_VxD = np.load(pathlib.Path(artifacts_dir) / "item_vectors.npy")
-    searcher = rewrite_index(pathlib.Path(artifacts_dir), items_VxD, cfg)
+    with artifacts.reading(artifacts_dir) as version:  # a new version is published beside it
+        manifest = artifacts.verify(version)
+        cfg = config_lib.apply_overrides(config_lib.from_dict(manifest["config"]), overrides)
+        items_VxD = np.load(version / artifacts.ITEM_VECTORS, allow_pickle=False)
+        _, searcher = rewrite_index(version, items_VxD, cfg)
     rng = np.random.default_rng(0)
     q_QxD = items_VxD[rng.integers(1, len(items_VxD), min(1000, len(items_VxD) - 1))]
     q_QxD = q_QxD + 0.1 * rng.standard_normal(q_QxD.shape).astype(np.float32)

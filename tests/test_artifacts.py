@@ -1,5 +1,6 @@
 """Sealed, versioned artifacts: round trip, a malicious-bundle suite, atomic publication and GC."""
 
+import dataclasses
 import json
 import os
 import pickle
@@ -15,7 +16,15 @@ from flax import nnx
 
 from recsys import artifacts, sharding
 from recsys.artifacts import ArtifactError
-from recsys.config import Config, DataConfig, IndexConfig, MeshConfig, ModelConfig, RankerConfig
+from recsys.config import (
+    Config,
+    DataConfig,
+    ExportConfig,
+    IndexConfig,
+    MeshConfig,
+    ModelConfig,
+    RankerConfig,
+)
 from recsys.data import dataset as dataset_lib
 from recsys.data.batches import event_query_inputs
 from recsys.data.synthetic import generate
@@ -48,11 +57,12 @@ def vectors(ds, generation: int) -> np.ndarray:
     return np.random.default_rng(generation).standard_normal((ds.items.size, D)).astype(np.float32)
 
 
-def export(tiny, root, generation=0, **kw):
+def export(tiny, root, generation=0, keep_versions=3):
     cfg, ds, two_tower, ranker, _ = tiny
+    cfg = dataclasses.replace(cfg, export=ExportConfig(keep_versions=keep_versions))
     return export_artifacts(root, cfg=cfg, ds=ds, two_tower=two_tower,
                             item_vectors=vectors(ds, generation), ranker=ranker,
-                            manifest={"generation": generation}, **kw)[0]
+                            manifest={"generation": generation})[0]
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """The `recsys` command: user errors end in one line naming the problem and exit code 2."""
 
+import json
 import os
 import pathlib
 import subprocess
@@ -74,6 +75,37 @@ def test_empty_dataset_after_filtering(tmp_path):
                              "--set", "data.source=movielens", "--set", f"data.path={data}"),
                       "min_user_events")
     assert not (workdir / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_workdir_that_is_a_file(tmp_path, command):
+    afile = tmp_path / "afile"
+    afile.write_text("not a directory")
+    for workdir in (afile, afile / "run"):
+        assert_user_error(recsys(command, "--config", TINY, "--workdir", str(workdir)),
+                          str(afile), "not a directory")
+
+
+@pytest.mark.e2e
+def test_eval_and_export_never_train_an_unfinished_checkpoint(tmp_path):
+    workdir = tmp_path / "w"
+    assert_user_error(recsys("eval", "--config", TINY, "--workdir", str(workdir)),
+                      "no usable checkpoint", "recsys train")
+    assert not workdir.exists()
+    short = ["--set", "ranker.steps=0", "--set", "train.num_steps=4"]
+    ok = recsys("train", "--config", TINY, "--workdir", str(workdir), *short)
+    assert ok.returncode == 0, ok.stderr
+    before = json.loads((workdir / "metrics.json").read_text())
+    for command in ("eval", "export"):  # asked for 8 steps: the 4-step checkpoint is incomplete
+        assert_user_error(recsys(command, "--config", TINY, "--workdir", str(workdir), *short,
+                                 "--set", "train.num_steps=8"),
+                          "incomplete", "step 4 of train.num_steps=8", "recsys train")
+    assert [p.name for p in (workdir / "checkpoints" / "retrieval").iterdir()] == ["4"]
+    assert json.loads((workdir / "metrics.json").read_text()) == before
+    assert not (workdir / "artifacts").exists()
+    # With a ranker asked for, the missing ranker checkpoint is named.
+    assert_user_error(recsys("eval", "--config", TINY, "--workdir", str(workdir),
+                             "--set", "train.num_steps=4"), "checkpoints/ranker")
 
 
 @pytest.mark.e2e

@@ -1,4 +1,5 @@
-"""End to end on configs/tiny.py: train -> export -> index -> rank -> evaluate (serving: test_serving)."""
+"""End to end on configs/tiny.py: train -> export -> index -> rank -> evaluate (serving: test_serving);
+export and eval restore, never train; two runs write the same metrics."""
 
 import dataclasses
 import json
@@ -7,8 +8,8 @@ import pathlib
 import numpy as np
 import pytest
 
+from recsys import artifacts, pipeline
 from recsys import config as config_lib
-from recsys import pipeline
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONTRACT_KEYS = ["retrieval/hr@10", "retrieval/hr@100", "retrieval/ndcg@10", "index/recall@10",
@@ -40,10 +41,11 @@ def test_pipeline_writes_every_contract_key_and_complete_artifacts(tiny_run):
     assert on_disk["index/recall@10"] >= 0.95
     # Retrieval learned something: far above the 10/400 of a random order.
     assert on_disk["retrieval/hr@10"] > 0.1
-    manifest = json.loads((workdir / "artifacts" / "manifest.json").read_text())
-    assert manifest["format_version"] == 1 and manifest["num_items"] == 400
-    assert "query_tower.jax" in manifest["checksums"] and "ranker.jax" in manifest["checksums"]
-    assert not list(workdir.glob("artifacts.tmp-*"))
+    version = artifacts.published(workdir / artifacts.ROOT)
+    manifest = json.loads((version / artifacts.MANIFEST).read_text())
+    assert manifest["format_version"] == artifacts.FORMAT_VERSION and manifest["num_items"] == 400
+    assert artifacts.QUERY_TOWER in manifest["checksums"] and artifacts.RANKER in manifest["checksums"]
+    assert not list(workdir.glob(f"**/*{artifacts.STAGING_SUFFIX}"))
 
 
 @pytest.mark.e2e
@@ -94,3 +96,65 @@ def test_checkpoint_of_another_model_shape_is_refused(tmp_path):
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, embed_dim=8))
     with pytest.raises(CheckpointError, match="embed_dim|model"):
         pipeline.train(cfg, tmp_path)
+
+
+def timing(key: str) -> bool:
+    return (key.startswith("seconds/") or key == "wall_seconds" or "examples_per_sec" in key
+            or "_ms" in key)
+
+
+def no_training(monkeypatch):
+    """Makes every training entry point fail: what follows may only restore."""
+    from recsys.train import loop, ranker
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("trained")
+
+    for module, name in [(pipeline, "train_retrieval"), (pipeline, "train_ranker"),
+                         (loop, "train_retrieval"), (ranker, "train_retrieval"),
+                         (ranker, "fit_ranker")]:
+        monkeypatch.setattr(module, name, refuse)
+
+
+def checkpoint_files(workdir: pathlib.Path) -> dict:
+    return {str(p.relative_to(workdir)): p.stat().st_mtime_ns
+            for p in sorted(workdir.glob("**/checkpoints/**/*")) if p.is_file()}
+
+
+@pytest.mark.e2e
+def test_eval_after_training_restores_and_trains_nothing(tiny_run, monkeypatch):
+    workdir, ran = tiny_run
+    before = checkpoint_files(workdir)
+    no_training(monkeypatch)
+    again = pipeline.evaluate(config_lib.load(ROOT / "configs" / "tiny.py"), workdir)
+    assert checkpoint_files(workdir) == before
+    for key in ("retrieval/hr@10", "retrieval/ndcg@10", "index/recall@10", "pipeline/hr@10",
+                "pipeline/ndcg@10", "ordering/mmr/ndcg@10"):
+        assert again[key] == ran[key], key
+
+
+@pytest.mark.e2e
+def test_two_runs_write_identical_metrics(tiny_run, tmp_path, monkeypatch):
+    """A second run in a fresh workdir, through train, export and eval, writes the pipeline's
+    metrics.json again bit for bit (timings aside)."""
+    workdir, _ = tiny_run
+    cfg = config_lib.load(ROOT / "configs" / "tiny.py")
+    pipeline.train(cfg, tmp_path)
+    no_training(monkeypatch)
+    version = pipeline.export(cfg, tmp_path)
+    assert version is not None and version.is_dir()
+    pipeline.evaluate(cfg, tmp_path)
+    first = json.loads((workdir / "metrics.json").read_text())
+    second = json.loads((tmp_path / "metrics.json").read_text())
+    assert ({k: v for k, v in second.items() if not timing(k)}
+            == {k: v for k, v in first.items() if not timing(k)})
+
+
+@pytest.mark.e2e
+def test_eval_refuses_a_ranker_made_for_an_older_retrieval_model(tmp_path):
+    from recsys.train.checkpoint import CheckpointError
+    pipeline.train(tiny_config(num_steps=4, ranker_steps=2), tmp_path)
+    pipeline.train(tiny_config(num_steps=8, ranker_steps=0), tmp_path)  # the ranker is now stale
+    with pytest.raises(CheckpointError, match=r"checkpoints/ranker/\d+ is stale: .*"
+                                              r"retrieval/steps=4 \(now 8\)"):
+        pipeline.evaluate(tiny_config(num_steps=8, ranker_steps=2), tmp_path)

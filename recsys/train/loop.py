@@ -13,14 +13,14 @@ from tqdm import tqdm
 from recsys import config as config_lib
 from recsys import sharding
 from recsys.config import Config
-from recsys.data.batches import BatchOrder, example_inputs, uniform_negatives
+from recsys.data.batches import BatchOrder, example_inputs
 from recsys.data.dataset import Dataset
 from recsys.eval import protocol
-from recsys.models import losses
 from recsys.models.two_tower import TwoTower, Vocabularies
-from recsys.train import checkpoint, mining, steps
+from recsys.train import checkpoint, mining, negatives, steps
 from recsys.train import state as state_lib
 
+CHECKPOINTS = pathlib.Path("checkpoints") / "retrieval"  # inside a workdir
 # Model fields that decide parameter shapes: a checkpoint made with other values is refused.
 SHAPE_FIELDS = ("embed_dim", "hidden_dims", "out_dim", "use_user_id", "use_features",
                 "history_pooling", "time_features")
@@ -43,6 +43,38 @@ def vocabularies(ds: Dataset) -> Vocabularies:
                         history_len=ds.history_len)
 
 
+def load_retrieval(cfg: Config, ds: Dataset, workdir: pathlib.Path,
+                   mesh: jax.sharding.Mesh) -> Trained:
+    """The two-tower model of workdir's finished training run, restored into sharded state.
+
+    Never trains: a missing, incomplete (short of cfg.train.num_steps and not stopped early) or
+    corrupt checkpoint raises checkpoint.CheckpointError.
+    """
+    vocab = vocabularies(ds)
+    graphdef, abstract = state_lib.abstract(*_state_parts(cfg, vocab), cfg.train.seed, mesh)
+    state, meta = checkpoint.load_trained(pathlib.Path(workdir) / CHECKPOINTS, abstract,
+                                          _checkpoint_meta(cfg, vocab),
+                                          num_steps=cfg.train.num_steps)
+    metrics = {"train/steps": meta["step"], "train/final_loss": meta["loss"],
+               "eval/trained_on": cfg.data.trained_on}
+    if "best_step" in meta:
+        metrics.update({"train/best_val_hr@10": meta["best_val_hr@10"],
+                        "train/best_step": meta["best_step"]})
+    return Trained(graphdef, state, metrics)
+
+
+def _state_parts(cfg: Config, vocab: Vocabularies):
+    """(build_model, optimizers): what state.create builds and state.abstract describes."""
+    return (lambda rngs: TwoTower(cfg.model, vocab, rngs),
+            state_lib.make_optimizer(cfg.train, logq_rows=vocab.num_items))
+
+
+def _checkpoint_meta(cfg: Config, vocab: Vocabularies) -> dict:
+    """Metadata a checkpoint must carry to restore into this model (table sizes, shape fields)."""
+    return checkpoint.as_json({**{f"vocab.{k}": v for k, v in dataclasses.asdict(vocab).items()},
+                               **{f"model.{k}": getattr(cfg.model, k) for k in SHAPE_FIELDS}})
+
+
 def train_retrieval(cfg: Config, ds: Dataset, workdir: pathlib.Path,
                     mesh: jax.sharding.Mesh) -> Trained:
     """Trains the two-tower model for cfg.train.num_steps, resuming from workdir's checkpoints."""
@@ -50,23 +82,18 @@ def train_retrieval(cfg: Config, ds: Dataset, workdir: pathlib.Path,
     # Data: training targets and a batch order that is a pure function of (seed, step).
     positions = ds.train_positions(cfg.data.trained_on, cfg.data.max_examples_per_user)
     order = BatchOrder(positions, tc.batch_size, tc.seed)
-    log_q_V = losses.log_sampling_probability(ds.item_counts(positions))
     if tc.batch_size % jax.process_count():
         raise config_lib.ConfigError(f"train.batch_size={tc.batch_size} must divide evenly over "
                                      f"{jax.process_count()} processes")
 
     # Model and optimizer, born sharded on the mesh.
     vocab = vocabularies(ds)
-    graphdef, state, shardings = state_lib.create(
-        lambda rngs: TwoTower(cfg.model, vocab, rngs),
-        state_lib.make_optimizer(tc, logq_rows=vocab.num_items), tc.seed, mesh)
+    graphdef, state, shardings = state_lib.create(*_state_parts(cfg, vocab), tc.seed, mesh)
 
-    # Resume order: (1) this workdir's latest checkpoint, (2) fresh init.
-    mngr = checkpoint.make_manager(workdir / "checkpoints" / "retrieval", tc)
+    # Resume order: (1) this workdir's latest verified checkpoint, (2) fresh init.
+    mngr = checkpoint.make_manager(workdir / CHECKPOINTS, tc)
     with contextlib.closing(mngr):  # closed on errors too: no orbax threads left behind
-        expected = checkpoint.as_json({
-            **{f"vocab.{k}": v for k, v in dataclasses.asdict(vocab).items()},
-            **{f"model.{k}": getattr(cfg.model, k) for k in SHAPE_FIELDS}})
+        expected = _checkpoint_meta(cfg, vocab)
         restored = checkpoint.restore_or_none(mngr, state_lib.abstract_state(state, shardings), expected)
         start, loss, meta = 0, float("nan"), {}
         if restored is not None:
@@ -79,24 +106,19 @@ def train_retrieval(cfg: Config, ds: Dataset, workdir: pathlib.Path,
         pidx = jax.process_index()
         rows = sharding.process_rows(mesh, tc.batch_size)  # this process reads only its rows
 
-        # Extra negatives: uniform ones drawn from (seed, step); mined ones from a table that is
-        # re-mined every train.mine_every_epochs and saved, so a resumed run reads the same.
-        uniform_rows = sharding.process_rows(mesh, tc.uniform_negatives) if tc.uniform_negatives else None
+        # Negatives (recsys/train/negatives.py): in-batch ones with their log q, uniform ones
+        # drawn from (seed, step), mined ones from a table that is re-mined every
+        # train.mine_every_epochs and saved, so a resumed run reads the same.
         miner = (mining.MinedNegatives(ds, positions, tc, workdir / "checkpoints" / "mined")
                  if tc.mined_negatives else None)
         if miner is not None:
             miner.restore(steps.model_of(graphdef, state), start)
+        sampler = negatives.Sampler(ds, positions, tc, mesh, miner)
 
         def batch_at(step):
             positions_B = order.at(step)[rows]
             batch = example_inputs(ds, positions_B)
-            batch["log_q"] = log_q_V[batch["item"]]
-            if tc.uniform_negatives:
-                uniform = uniform_negatives(ds.features, ds.num_items, tc.uniform_negatives, tc.seed,
-                                            step)
-                batch.update({k: v[uniform_rows] for k, v in uniform.items()})
-            if miner is not None:
-                batch.update(miner.inputs(positions_B))
+            batch["negatives"] = sampler.at(step, positions_B, batch["item"])
             return sharding.shard_batch(batch, mesh)
 
         # Loop: step, log, evaluate on validation (early stopping), checkpoint.

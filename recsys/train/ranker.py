@@ -23,7 +23,7 @@ from recsys.models.ranker import Ranker
 from recsys.models.ranker_inputs import RankerTables, numeric_stats
 from recsys.train import checkpoint, steps
 from recsys.train import state as state_lib
-from recsys.train.loop import Trained, train_retrieval, vocabularies
+from recsys.train.loop import CHECKPOINTS, Trained, train_retrieval, vocabularies
 from recsys.train.ranker_data import (
     Events,
     batch_inputs,
@@ -78,14 +78,12 @@ def train_ranker(cfg: Config, ds: Dataset, retrieval: Trained, workdir: pathlib.
     """
     workdir = pathlib.Path(workdir)
     # Data: the feature model, its tables, and its events with exact top-R candidates each.
-    counts = ds.item_counts(ds.train_positions(cfg.data.trained_on))
-    logpop_V = np.log1p(counts).astype(np.float32)
     timeline = event_log_timeline(ds)
     served_items = protocol.item_vectors(retrieval.model(), ds.features)
     feature_model, positions = ranker_events(cfg, ds, retrieval, workdir, mesh)
     items_VxD = (served_items if feature_model is retrieval
                  else protocol.item_vectors(feature_model.model(), ds.features))
-    tables = make_tables(ds, items_VxD, logpop_V, timeline)
+    tables = ranker_tables(cfg, ds, items_VxD, timeline)
     events = make_events(feature_model.model(), ds, positions, items_VxD,
                          cfg.serve.num_candidates)
     # The ranker learns the features of these two models: when a resumed run changed either, the
@@ -93,7 +91,45 @@ def train_ranker(cfg: Config, ds: Dataset, retrieval: Trained, workdir: pathlib.
     made_for = {"retrieval/steps": retrieval.metrics["train/steps"],
                 "feature_model/steps": feature_model.metrics["train/steps"]}
     trained = fit_ranker(cfg, ds, tables, events, workdir, mesh, made_for)
-    return trained, make_tables(ds, served_items, logpop_V, timeline)
+    return trained, ranker_tables(cfg, ds, served_items, timeline)
+
+
+def load_ranker(cfg: Config, ds: Dataset, retrieval: Trained, workdir: pathlib.Path,
+                mesh: jax.sharding.Mesh) -> tuple[Trained, RankerTables]:
+    """The ranker of workdir's finished training run and the tables serving reads; never trains.
+
+    Its input statistics are part of its state. A missing ranker checkpoint, or one made for
+    other retrieval models than the workdir's now (stale), raises checkpoint.CheckpointError.
+    """
+    workdir = pathlib.Path(workdir)
+    graphdef, abstract = state_lib.abstract(lambda rngs: build_model(cfg, ds, rngs),
+                                            make_optimizer(cfg.ranker), cfg.train.seed + 1, mesh)
+    served_steps = retrieval.metrics["train/steps"]
+    feature_dir = feature_model_dir(cfg, workdir)
+    feature_meta = ({"step": served_steps} if feature_dir is None
+                    else checkpoint.latest_meta(feature_dir / CHECKPOINTS) or {})
+    made_for = {"retrieval/steps": served_steps, "feature_model/steps": feature_meta.get("step")}
+    state, meta = checkpoint.load_trained(workdir / "checkpoints" / "ranker", abstract,
+                                          _checkpoint_meta(cfg, ds), made_for=made_for)
+    out = {k: v for k, v in meta.items() if k.startswith("ranker/")}
+    tables = ranker_tables(cfg, ds, protocol.item_vectors(retrieval.model(), ds.features),
+                           event_log_timeline(ds))
+    return Trained(graphdef, state, out), tables
+
+
+def ranker_tables(cfg: Config, ds: Dataset, items_VxD: np.ndarray, timeline) -> RankerTables:
+    """What the ranker reads by item or user row, given a retrieval model's item vectors [V, D]."""
+    counts = ds.item_counts(ds.train_positions(cfg.data.trained_on))
+    return make_tables(ds, items_VxD, np.log1p(counts).astype(np.float32), timeline)
+
+
+def feature_model_dir(cfg: Config, workdir: pathlib.Path) -> pathlib.Path | None:
+    """The workdir of the retrieval model whose features the ranker learns (None: the served one)."""
+    if cfg.ranker.events == "validation" and cfg.data.trained_on != "train":
+        return pathlib.Path(workdir) / "ranker_validation"
+    if cfg.ranker.events == "holdout":
+        return pathlib.Path(workdir) / "ranker_holdout"
+    return None
 
 
 def ranker_events(cfg: Config, ds: Dataset, retrieval: Trained, workdir: pathlib.Path, mesh):
@@ -107,15 +143,16 @@ def ranker_events(cfg: Config, ds: Dataset, retrieval: Trained, workdir: pathlib
     training: the served model's own training events (its scores there are over-confident).
     """
     tc, rc = cfg.train, cfg.ranker
+    feature_dir = feature_model_dir(cfg, workdir)
     if rc.events == "validation":
         model = retrieval
-        if cfg.data.trained_on != "train":
+        if feature_dir is not None:
             fresh = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, trained_on="train"))
-            model = train_retrieval(fresh, ds, workdir / "ranker_validation", mesh)
+            model = train_retrieval(fresh, ds, feature_dir, mesh)
         return model, ds.eval_positions("val")
     if rc.events == "holdout":
         shadow_ds, train_pos, val_pos = holdout_dataset(ds, rc.holdout_events)
-        shadow = train_retrieval(cfg, shadow_ds, workdir / "ranker_holdout", mesh)
+        shadow = train_retrieval(cfg, shadow_ds, feature_dir, mesh)
         return shadow, np.union1d(train_pos, val_pos)
     positions = ds.train_positions(cfg.data.trained_on)
     wanted = min(len(positions), rc.steps * rc.batch_size)
@@ -139,10 +176,7 @@ def fit_ranker(cfg: Config, ds: Dataset, tables: RankerTables, events: Events,
     graphdef, state, shardings = state_lib.create(
         lambda rngs: build_model(cfg, ds, rngs, stats), make_optimizer(rc), tc.seed + 1, mesh)
     mngr = checkpoint.make_manager(workdir / "checkpoints" / "ranker", tc)
-    expected = checkpoint.as_json({
-        **{f"ranker.{k}": getattr(rc, k) for k in SHAPE_FIELDS}, "model.out_dim": cfg.model.out_dim,
-        "data.history_len": ds.history_len,
-        **{f"vocab.{k}": v for k, v in dataclasses.asdict(vocabularies(ds)).items()}})
+    expected = _checkpoint_meta(cfg, ds)
     with contextlib.closing(mngr):  # closed on errors too: no orbax threads left behind
         restored = checkpoint.restore_or_none(mngr, state_lib.abstract_state(state, shardings),
                                               expected, made_for)
@@ -163,6 +197,14 @@ def fit_ranker(cfg: Config, ds: Dataset, tables: RankerTables, events: Events,
                                 {**expected, **out, **made_for})
         checkpoint.wait(mngr)
     return Trained(graphdef, state, out)
+
+
+def _checkpoint_meta(cfg: Config, ds: Dataset) -> dict:
+    """Metadata a ranker checkpoint must carry to restore into this model."""
+    return checkpoint.as_json({
+        **{f"ranker.{k}": getattr(cfg.ranker, k) for k in SHAPE_FIELDS},
+        "model.out_dim": cfg.model.out_dim, "data.history_len": ds.history_len,
+        **{f"vocab.{k}": v for k, v in dataclasses.asdict(vocabularies(ds)).items()}})
 
 
 def fold_of(events: Events, folds: int, seed: int) -> np.ndarray:
