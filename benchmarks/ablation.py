@@ -90,7 +90,7 @@ def command(data: str, overrides: list[str], seed: int, config: str = CONFIG) ->
 
 def two_tower_test(cfg: config_lib.Config) -> dict:
     """Test metrics of one two-tower run (what `command` prints as retrieval/*)."""
-    ds = pipeline.load_data(cfg)
+    ds = pipeline.load_data(cfg.data)
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="ablation-") as tmp:
         trained = train_retrieval(cfg, ds, pathlib.Path(tmp), sharding.make_mesh(cfg.mesh))

@@ -60,7 +60,7 @@ def trials(grid: dict[str, list[str]], random: int, seed: int) -> list[dict[str,
 def validate_trial(cfg: config_lib.Config, workdir: pathlib.Path) -> dict:
     """Trains on train events and returns validation metrics of the kept state."""
     t0 = time.time()
-    ds = pipeline.load_data(cfg)
+    ds = pipeline.load_data(cfg.data)
     mesh = sharding.make_mesh(cfg.mesh)
     trained = train_retrieval(cfg, ds, workdir, mesh)
     ev = protocol.evaluate_retrieval(trained.model(), ds, "val", cfg.eval)

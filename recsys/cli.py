@@ -120,7 +120,7 @@ def cmd_plan(args) -> int:
         args.set = [*args.set, f"mesh.device_memory_gib={args.device_memory}"]
     cfg = _config(args)
     mesh = plan.planning_mesh(cfg.mesh)  # may be larger than this machine
-    print(plan.format_plan(plan.for_dataset(cfg, pipeline.load_data(cfg), mesh)))
+    print(plan.format_plan(plan.for_dataset(cfg, pipeline.load_data(cfg.data), mesh)))
     return 0
 
 

@@ -19,7 +19,7 @@ from flax import nnx
 from recsys import artifacts, features, plan, sharding
 from recsys import config as config_lib
 from recsys import index as index_lib
-from recsys.config import Config
+from recsys.config import Config, DataConfig
 from recsys.data import dataset as dataset_lib
 from recsys.data.sources import load_raw
 from recsys.eval import metrics as metrics_lib
@@ -164,9 +164,8 @@ def write_metrics(workdir: pathlib.Path, ds: dataset_lib.Dataset, metrics: dict)
     return metrics
 
 
-def load_data(cfg: Config) -> dataset_lib.Dataset:
-    raw = load_raw(cfg.data)
-    return dataset_lib.build(raw, cfg.data)
+def load_data(cfg: DataConfig) -> dataset_lib.Dataset:
+    return dataset_lib.build(load_raw(cfg), cfg)
 
 
 def local_model(model):
@@ -230,7 +229,7 @@ def _setup(cfg: Config, workdir: pathlib.Path, *, training: bool):
         workdir.mkdir(parents=True, exist_ok=True)
         if jax.process_index() == 0:
             (workdir / "config.json").write_text(config_lib.dumps(cfg))
-    ds = load_data(cfg)
+    ds = load_data(cfg.data)
     mesh = sharding.make_mesh(cfg.mesh)
     _log(f"{ds.name}: {ds.num_users} users, {ds.num_items} items, {len(ds.seq_items)} events; "
          f"mesh {dict(mesh.shape)}")

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 from recsys import sharding
-from recsys.config import Config, ConfigError, MeshConfig
+from recsys.config import Config, ConfigError, MeshConfig, ModelConfig
 from recsys.data.dataset import Dataset
 from recsys.models.two_tower import TwoTower
 from recsys.train import state as state_lib
@@ -98,11 +98,10 @@ def _device_bytes(x) -> int:
     return int(np.prod(x.sharding.shard_shape(x.shape), dtype=np.int64)) * itemsize
 
 
-def activation_estimate(cfg: Config, batch_rows: int) -> int:
+def activation_estimate(m: ModelConfig, history_len: int, batch_rows: int) -> int:
     """Rough bytes per device: history embeddings, both towers' layers, doubled for gradients."""
-    m = cfg.model
     tower = 4 * m.embed_dim + sum(m.hidden_dims) + m.out_dim  # inputs, hidden, output
-    per_example = cfg.data.history_len * m.embed_dim + 2 * tower
+    per_example = history_len * m.embed_dim + 2 * tower
     return 2 * batch_rows * per_example * 4
 
 
@@ -117,7 +116,7 @@ def memory_plan(state, cfg: Config, mesh) -> MemoryPlan:
     n = b + tc.uniform_negatives + tc.mined_negatives
     device_bytes, source = device_memory(cfg.mesh)
     return MemoryPlan(dict(mesh.shape), state_rows(state), rows_per_device,
-                      activation_estimate(cfg, rows_per_device), (b, n),
+                      activation_estimate(cfg.model, cfg.data.history_len, rows_per_device), (b, n),
                       LOGIT_COPIES * rows_per_device * n * 4, device_bytes, source)
 
 

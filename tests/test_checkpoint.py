@@ -55,7 +55,7 @@ def final_loss(workdir) -> float:
 def one_device_target():
     """The abstract retrieval state of the runs above, on one device."""
     cfg = config_lib.apply_overrides(config_lib.load(TINY), ["model.dropout=0.1"])
-    vocab = vocabularies(pipeline.load_data(cfg))
+    vocab = vocabularies(pipeline.load_data(cfg.data))
     mesh = sharding.make_mesh(config_lib.MeshConfig(), devices=jax.devices()[:1])
     return state_lib.abstract(lambda rngs: TwoTower(cfg.model, vocab, rngs),
                               state_lib.make_optimizer(cfg.train), 0, mesh)[1]

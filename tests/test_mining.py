@@ -75,7 +75,7 @@ def test_sample_band_is_seeded_and_uniform_within_the_band():
 
 def test_uniform_negatives_depend_only_on_seed_and_step():
     cfg = config_lib.load(ROOT / "configs" / "tiny.py")
-    ds = pipeline.load_data(cfg)
+    ds = pipeline.load_data(cfg.data)
     a, a_log_q = negatives.uniform(ds.features, ds.num_items, 32, seed=0, step=5)
     b, _ = negatives.uniform(ds.features, ds.num_items, 32, seed=0, step=5)
     c, _ = negatives.uniform(ds.features, ds.num_items, 32, seed=0, step=6)
@@ -98,7 +98,7 @@ def _tiny(**train):
 def test_mined_table_skips_known_items_and_resume_is_exact(tmp_path):
     # The streaming logQ estimate rides in the state beside (model, optimizer): resumed with it.
     cfg = _tiny(num_steps=12, checkpoint_every=6, logq_estimate="streaming")
-    ds = pipeline.load_data(cfg)
+    ds = pipeline.load_data(cfg.data)
     # One device: exactness does not depend on the mesh, and it compiles twice as fast.
     mesh = sharding.make_mesh(cfg.mesh, devices=jax.devices()[:1])
     positions = ds.train_positions(cfg.data.trained_on)
@@ -145,7 +145,7 @@ def test_bad_negative_settings_name_the_field(bad, message):
 
 def test_mine_stride_groups_consecutive_events_of_one_user(tmp_path):
     cfg = _tiny(mine_stride=3)
-    ds = pipeline.load_data(cfg)
+    ds = pipeline.load_data(cfg.data)
     positions = ds.train_positions(cfg.data.trained_on)
     table = mining.MinedNegatives(ds, positions, cfg.train, tmp_path)
     rep_P = positions[table.queries][table.query_of_P]

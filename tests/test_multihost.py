@@ -63,7 +63,7 @@ def reported_losses(output: str) -> dict:
 
 
 def abstract_target(cfg: config_lib.Config, mesh):
-    vocab = vocabularies(pipeline.load_data(cfg))
+    vocab = vocabularies(pipeline.load_data(cfg.data))
     return state_lib.abstract(lambda rngs: TwoTower(cfg.model, vocab, rngs),
                               state_lib.make_optimizer(cfg.train, logq_rows=vocab.num_items),
                               cfg.train.seed, mesh)[1]

@@ -23,7 +23,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def tiny():
     cfg = config_lib.load(ROOT / "configs" / "tiny.py")
-    ds = pipeline.load_data(cfg)
+    ds = pipeline.load_data(cfg.data)
     return cfg, ds, ds.train_positions(cfg.data.trained_on)
 
 

@@ -17,7 +17,7 @@ TINY = ROOT / "configs" / "tiny.py"
 
 @pytest.fixture(scope="module")
 def dataset():
-    return pipeline.load_data(config_lib.load(TINY))
+    return pipeline.load_data(config_lib.load(TINY).data)
 
 
 def plan_of(ds, *overrides):

@@ -5,25 +5,19 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-from flax import nnx
 
 from recsys import sharding
 from recsys.config import EvalConfig
 from recsys.data.batches import event_query_inputs, item_inputs
 from recsys.data.dataset import Dataset, FeatureTables
 from recsys.eval import metrics, ranking
+from recsys.models import layers
 
 CHUNK = 4096  # rows embedded per jitted call (the last chunk is padded: one compile)
 
 
-@nnx.jit
-def _embed_items(model, batch):
-    return model.embed_items(batch)
-
-
-@nnx.jit
-def _embed_queries(model, batch):
-    return model.embed_query(batch)
+_embed_items = layers.jitted("embed_items")
+_embed_queries = layers.jitted("embed_query")
 
 
 def _in_chunks(fn, model, inputs: dict) -> np.ndarray:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import itertools
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -112,3 +114,16 @@ def pool_history(emb_BxLxE, history_BxL, pooling: str, decay: float):
         mask_BxL = mask_BxL * decay ** steps_back_L[None, :]
     total_Bx1 = jnp.maximum(mask_BxL.sum(axis=1, keepdims=True), 1e-6)
     return jnp.einsum("bl,ble->be", mask_BxL, emb_BxLxE) / total_Bx1
+
+
+def jitted(method: str):
+    """`fn(model, inputs)` calling model.<method>(inputs) under jax.jit on the split state.
+
+    The project's one jit style (as the train steps): graphdef static, state and inputs traced.
+    For models in eval mode; state changes made inside (RNG counters) are not written back.
+    """
+    @functools.partial(jax.jit, static_argnums=0)
+    def call(graphdef, state, inputs):
+        return getattr(nnx.merge(graphdef, state), method)(inputs)
+
+    return lambda model, inputs: call(*nnx.split(model), inputs)

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from recsys import config as config_lib
 from recsys import sharding
-from recsys.config import Config
+from recsys.config import Config, EvalConfig
 from recsys.data.batches import BatchOrder, example_inputs
 from recsys.data.dataset import Dataset
 from recsys.eval import protocol
@@ -144,7 +144,8 @@ def train_retrieval(cfg: Config, ds: Dataset, workdir: pathlib.Path,
                     bar.set_postfix(loss=f"{loss:.4f}",
                                     ex_s=f"{timed_examples / max(timed_seconds, 1e-9):.0f}")
                 if (tc.eval_every and (step % tc.eval_every == 0 or step == tc.num_steps)
-                        and _evaluate_and_keep_best(cfg, ds, graphdef, state, step, best)):
+                        and _evaluate_and_keep_best(cfg.eval, tc.early_stopping_patience, ds,
+                                                    graphdef, state, step, best)):
                     bar.write(f"early stopping at step {step}: best validation hr@10 "
                               f"{best['hr@10']:.4f} at step {best['step']}")
                     stopped = True
@@ -173,14 +174,15 @@ def train_retrieval(cfg: Config, ds: Dataset, workdir: pathlib.Path,
     return Trained(graphdef, state, metrics)
 
 
-def _evaluate_and_keep_best(cfg: Config, ds: Dataset, graphdef, state, step: int, best: dict):
-    """Validation HR@10; keeps a copy of the best state. Returns True when patience runs out."""
-    result = protocol.evaluate_retrieval(steps.model_of(graphdef, state), ds, "val", cfg.eval)
+def _evaluate_and_keep_best(ec: EvalConfig, patience: int, ds: Dataset, graphdef, state,
+                            step: int, best: dict):
+    """Validation HR@10; keeps a copy of the best state. Returns True when `patience` evaluations
+    in a row brought no improvement (0 = never)."""
+    result = protocol.evaluate_retrieval(steps.model_of(graphdef, state), ds, "val", ec)
     hr = result.metrics["hr@10"]
     if hr > best["hr@10"]:
         best.update({"hr@10": hr, "step": step, "bad_evals": 0,
                      "state": jax.tree.map(lambda x: x.copy(), state)})
         return False
     best["bad_evals"] += 1
-    patience = cfg.train.early_stopping_patience
     return patience > 0 and best["bad_evals"] >= patience

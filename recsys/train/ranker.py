@@ -18,7 +18,7 @@ from recsys import sharding
 from recsys.config import Config, RankerConfig
 from recsys.data.dataset import Dataset
 from recsys.eval import metrics, protocol
-from recsys.models import losses
+from recsys.models import layers, losses
 from recsys.models.ranker import Ranker
 from recsys.models.ranker_inputs import RankerTables, numeric_stats
 from recsys.train import checkpoint, steps
@@ -83,7 +83,7 @@ def train_ranker(cfg: Config, ds: Dataset, retrieval: Trained, workdir: pathlib.
     feature_model, positions = ranker_events(cfg, ds, retrieval, workdir, mesh)
     items_VxD = (served_items if feature_model is retrieval
                  else protocol.item_vectors(feature_model.model(), ds.features))
-    tables = ranker_tables(cfg, ds, items_VxD, timeline)
+    tables = ranker_tables(ds, cfg.data.trained_on, items_VxD, timeline)
     events = make_events(feature_model.model(), ds, positions, items_VxD,
                          cfg.serve.num_candidates)
     # The ranker learns the features of these two models: when a resumed run changed either, the
@@ -91,7 +91,7 @@ def train_ranker(cfg: Config, ds: Dataset, retrieval: Trained, workdir: pathlib.
     made_for = {"retrieval/steps": retrieval.metrics["train/steps"],
                 "feature_model/steps": feature_model.metrics["train/steps"]}
     trained = fit_ranker(cfg, ds, tables, events, workdir, mesh, made_for)
-    return trained, ranker_tables(cfg, ds, served_items, timeline)
+    return trained, ranker_tables(ds, cfg.data.trained_on, served_items, timeline)
 
 
 def load_ranker(cfg: Config, ds: Dataset, retrieval: Trained, workdir: pathlib.Path,
@@ -112,14 +112,15 @@ def load_ranker(cfg: Config, ds: Dataset, retrieval: Trained, workdir: pathlib.P
     state, meta = checkpoint.load_trained(workdir / "checkpoints" / "ranker", abstract,
                                           _checkpoint_meta(cfg, ds), made_for=made_for)
     out = {k: v for k, v in meta.items() if k.startswith("ranker/")}
-    tables = ranker_tables(cfg, ds, protocol.item_vectors(retrieval.model(), ds.features),
+    tables = ranker_tables(ds, cfg.data.trained_on, protocol.item_vectors(retrieval.model(), ds.features),
                            event_log_timeline(ds))
     return Trained(graphdef, state, out), tables
 
 
-def ranker_tables(cfg: Config, ds: Dataset, items_VxD: np.ndarray, timeline) -> RankerTables:
-    """What the ranker reads by item or user row, given a retrieval model's item vectors [V, D]."""
-    counts = ds.item_counts(ds.train_positions(cfg.data.trained_on))
+def ranker_tables(ds: Dataset, trained_on: str, items_VxD: np.ndarray, timeline) -> RankerTables:
+    """What the ranker reads by item or user row, given a retrieval model's item vectors [V, D]
+    (popularity from the events retrieval trained on: data.trained_on)."""
+    counts = ds.item_counts(ds.train_positions(trained_on))
     return make_tables(ds, items_VxD, np.log1p(counts).astype(np.float32), timeline)
 
 
@@ -187,10 +188,11 @@ def fit_ranker(cfg: Config, ds: Dataset, tables: RankerTables, events: Events,
             loss_fn = functools.partial(_ranker_loss_of, rc=rc)
             train_step = steps.make_train_step(graphdef, loss_fn, tc, shardings, mesh)
             fold_E = fold_of(events, rc.folds, tc.seed)
-            out = _cross_validate(cfg, ds, graphdef, state, train_step, tables, events, fold_E, mesh)
+            out = _cross_validate(rc, tc.seed, ds.num_items, graphdef, state, train_step, tables,
+                                  events, fold_E, mesh)
             retrieved = retrieved_only(events)
-            state, loss = _train(cfg, ds, train_step, _copy(state), tables, retrieved,
-                                 out["ranker/steps"], mesh, fold=-1)
+            state, loss = _train(rc, tc.seed, ds.num_items, train_step, _copy(state), tables,
+                                 retrieved, out["ranker/steps"], mesh, fold=-1)
             out.update({"ranker/final_loss": loss, "ranker/train_events": len(retrieved.positions)})
             with jax.set_mesh(mesh):
                 checkpoint.save(mngr, out["ranker/steps"], state,
@@ -218,18 +220,16 @@ def _copy(state):
     return jax.tree.map(lambda x: x.copy(), state)
 
 
-def _train(cfg: Config, ds: Dataset, train_step, state, tables, events: Events, num_steps: int,
-           mesh, fold: int, first_step: int = 0):
+def _train(rc: RankerConfig, seed: int, num_items: int, train_step, state, tables,
+           events: Events, num_steps: int, mesh, fold: int, first_step: int = 0):
     """Steps first_step .. num_steps on listwise batches of `events` (seeded by fold and step)."""
-    tc, rc = cfg.train, cfg.ranker
     rows = sharding.process_rows(mesh, rc.batch_size)  # this process's rows of a batch
     loss = float("nan")
     with jax.set_mesh(mesh):
         for step in range(first_step, num_steps):
-            rng = np.random.default_rng([tc.seed, fold + 1, step])
+            rng = np.random.default_rng([seed, fold + 1, step])
             ev = events.take(rng.choice(len(events.positions), rc.batch_size))
-            cand = listwise_rows(ev, rc.negatives, rc.random_negatives, rng,
-                                 ds.num_items)
+            cand = listwise_rows(ev, rc.negatives, rc.random_negatives, rng, num_items)
             batch = batch_inputs(tables, ev, cand)
             state, loss_arr = train_step(state, sharding.shard_batch(
                 {k: v[rows] for k, v in batch.items()}, mesh))
@@ -238,14 +238,13 @@ def _train(cfg: Config, ds: Dataset, train_step, state, tables, events: Events, 
     return state, loss
 
 
-def _cross_validate(cfg: Config, ds: Dataset, graphdef, state0, train_step, tables,
-                    events: Events, fold_E: np.ndarray, mesh) -> dict:
+def _cross_validate(rc: RankerConfig, seed: int, num_items: int, graphdef, state0, train_step,
+                    tables, events: Events, fold_E: np.ndarray, mesh) -> dict:
     """Trains one model per fold in lockstep; returns the chosen steps and validation metrics."""
-    tc, rc = cfg.train, cfg.ranker
     k = rc.folds
     every = rc.eval_every or rc.steps
     pools = [retrieved_only(events.take(np.flatnonzero(fold_E != f))) for f in range(k)]
-    rng = np.random.default_rng([tc.seed, 11])
+    rng = np.random.default_rng([seed, 11])
     held = [events.take(np.sort(rng.permutation(np.flatnonzero(fold_E == f))[:CV_EVAL_EVENTS // k]))
             for f in range(k)]
     states = [_copy(state0) for _ in range(k)]
@@ -256,7 +255,7 @@ def _cross_validate(cfg: Config, ds: Dataset, graphdef, state0, train_step, tabl
                disable=True if jax.process_index() != 0 else None)
     while step < rc.steps:
         nxt = min(step + every, rc.steps)
-        states = [_train(cfg, ds, train_step, s, tables, pool, nxt, mesh, f, step)[0]
+        states = [_train(rc, seed, num_items, train_step, s, tables, pool, nxt, mesh, f, step)[0]
                   for f, (s, pool) in enumerate(zip(states, pools))]
         bar.update(nxt - step)
         step = nxt
@@ -288,9 +287,7 @@ def _mean_val(graphdef, states, tables, held: list[Events]) -> dict:
             "ranker/val_hr@10": metrics.hit_rate_at_k(reranked, targets, 10)}
 
 
-@nnx.jit
-def _score(ranker, batch):
-    return ranker(batch)
+_score = layers.jitted("__call__")
 
 
 def score_events(ranker, tables: RankerTables, ev: Events, block: int = EVAL_BLOCK) -> np.ndarray:
