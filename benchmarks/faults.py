@@ -37,6 +37,7 @@ import tempfile
 import threading
 import time
 
+from benchmarks import provenance
 from recsys import artifacts
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -46,6 +47,8 @@ STEPS = 60
 # so a random kill lands inside a save now and then.
 TRAIN_SETS = ["ranker.steps=0", "model.dropout=0.1", "train.log_every=1000",
               f"train.num_steps={STEPS}", "train.checkpoint_every=4"]
+# The corruption and publication runs also train and export the ranker (its checkpoint and files).
+BASE_SETS = [s for s in TRAIN_SETS if not s.startswith("ranker.")] + ["train.keep_checkpoints=1"]
 
 
 def recsys(*args: str, sets=(), timeout: float = 600) -> subprocess.CompletedProcess:
@@ -147,16 +150,19 @@ def _one_error_line(result: subprocess.CompletedProcess) -> bool:
 
 
 def corruption_cases(root: pathlib.Path) -> dict:
-    """Each file of the last checkpoint step and of the current artifacts version, 3 ways."""
+    """Each file of the last step of both checkpoints (retrieval, ranker) and of the current
+    artifacts version, 3 ways."""
     base = root / "base"
-    sets = [*TRAIN_SETS, "train.keep_checkpoints=1"]
+    sets = BASE_SETS
     for command in ("train", "export"):
         result = recsys(command, "--config", TINY, "--workdir", str(base), sets=sets)
         if result.returncode:
             raise RuntimeError(f"{command} failed: {result.stderr[-2000:]}")
     version = artifacts.published(base / "artifacts")
-    steps = sorted((base / "checkpoints" / "retrieval").glob("[0-9]*"))
-    targets = [("checkpoint", p) for p in sorted(steps[-1].rglob("*")) if p.is_file()]
+    targets = []
+    for model in ("retrieval", "ranker"):
+        last = max((base / "checkpoints" / model).glob("[0-9]*"), key=lambda p: int(p.name))
+        targets += [("checkpoint", p) for p in sorted(last.rglob("*")) if p.is_file()]
     targets += [("artifact", p) for p in sorted(version.rglob("*")) if p.is_file()]
     counts = {"corruption_cases": 0, "corruption_refused": 0, "silently_accepted": 0,
               "tracebacks": 0, "accepted_files": []}
@@ -209,6 +215,9 @@ def malicious_bundles(root: pathlib.Path) -> dict:
         shutil.rmtree(bundle, ignore_errors=True)
         shutil.copytree(base, bundle, symlinks=True)
         craft(bundle)
+        # Access times set before the modification times: even a relatime mount records a read.
+        for p in outside.iterdir():
+            os.utime(p, ns=(1, p.stat().st_mtime_ns))
         atimes = {p: p.stat().st_atime_ns for p in outside.iterdir()}
         try:
             Recommender.load(bundle, warmup=False)
@@ -218,8 +227,20 @@ def malicious_bundles(root: pathlib.Path) -> dict:
         outside_reads += any(p.stat().st_atime_ns != t for p, t in atimes.items())
         marker.unlink(missing_ok=True)
         print(f"malicious bundle {name!r}: refused={refused}", flush=True)
+    # Controls: the two detectors do see a read of the outside file and an unpickled payload.
+    target = outside / "rows.npy"
+    os.utime(target, ns=(1, target.stat().st_mtime_ns))
+    target.read_bytes()
+    read_seen = target.stat().st_atime_ns != 1
+    _drop_pickle(root / "control", marker)
+    import pickle
+    for path in (root / "control").rglob("*.pkl"):
+        pickle.loads(path.read_bytes())
+    executed = marker.exists()
+    marker.unlink(missing_ok=True)
     return {"malicious_bundles": len(cases), "malicious_refused": refused,
-            "code_executions": executions, "outside_reads": outside_reads}
+            "code_executions": executions, "outside_reads": outside_reads,
+            "detectors_work": bool(read_seen and executed)}
 
 
 def _drop_pickle(bundle: pathlib.Path, marker: pathlib.Path) -> None:
@@ -229,7 +250,7 @@ def _drop_pickle(bundle: pathlib.Path, marker: pathlib.Path) -> None:
         def __reduce__(self):
             return (os.system, (f"touch {marker}",))
 
-    for target in [*bundle.rglob("*.pkl")] or [bundle / "index" / "scann_docids.pkl"]:
+    for target in [*bundle.rglob("*.pkl")] or [bundle / "index" / "scann" / "scann_docids.pkl"]:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(pickle.dumps(Payload()))
 
@@ -345,8 +366,7 @@ def publication(root: pathlib.Path, exports: int) -> dict:
     for t in threads:
         t.start()
     for i in range(exports):
-        result = recsys("export", "--config", TINY, "--workdir", str(base),
-                        sets=[*TRAIN_SETS, "train.keep_checkpoints=1"])
+        result = recsys("export", "--config", TINY, "--workdir", str(base), sets=BASE_SETS)
         if result.returncode:
             errors.append(f"export {i}: {result.stderr[-300:]}")
         print(f"export {i}: rc {result.returncode}, loads so far {loads[0]}", flush=True)
@@ -402,6 +422,7 @@ def main(argv=None) -> int:
     out.update(kill_trials(root, args.kills, rng))
     out["seconds"] = time.time() - t0
     out["load_avg_end"] = os.getloadavg()[0]
+    out["provenance"] = provenance.record()
     print(table(out))
     text = json.dumps(out, indent=2)
     print(text)

@@ -1,7 +1,7 @@
-"""Regenerates every table of docs/results.md from the committed JSON beside it.
+"""Regenerates every table of docs/results.md and docs/reliability.md from the committed JSON.
 
-    python -m benchmarks.report            # rewrite docs/results.md in place
-    python -m benchmarks.report --check    # exit 1 and print a diff when it would change
+    python -m benchmarks.report            # rewrite both pages in place
+    python -m benchmarks.report --check    # exit 1 and print a diff when one would change
 
 Each generated block sits between `<!-- report:NAME -->` and `<!-- /report:NAME -->`; the prose
 around the blocks is hand-written and kept as it is. A block whose JSON is not there yet becomes
@@ -22,7 +22,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-RESULTS = pathlib.Path(__file__).resolve().parents[1] / "docs" / "results.md"
+DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs"
+RESULTS = DOCS / "results.md"
+PAGES = (RESULTS, DOCS / "reliability.md")
 DATA = "../shared/data/ml-latest-small"
 METRICS = ("hr@10", "hr@50", "hr@100", "ndcg@10")
 BLOCK = re.compile(r"<!-- report:(?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- /report:(?P=name) -->",
@@ -242,11 +244,41 @@ def sharding_table(d: dict) -> str:
 
 # The blocks and the command line ----------------------------------------------------------------
 
+def faults_table(d: dict) -> str:
+    """The fault campaign of benchmarks.faults: one row per kind of fault."""
+    rows = [
+        ("kill -9 at random moments, then resume",
+         f"{d['kill_trials']} runs ({d['kills_during_save']} killed while saving)",
+         f"{d['kill_resumes']} resumed, {d['kill_resumes_exact']} bit-exact"),
+        (("truncate / flip / delete each file of a checkpoint step (retrieval, ranker) and of "
+         "an artifacts version"), f"{d['corruption_cases']} cases",
+         (f"{d['corruption_refused']} refused with one line, {d['silently_accepted']} accepted, "
+         f"{d['tracebacks']} tracebacks")),
+        ("malicious bundles (pickle, symlink, escaping paths, unlisted file)",
+         f"{d['malicious_bundles']} bundles",
+         (f"{d['malicious_refused']} refused, {d['code_executions']} code executions, "
+         f"{d['outside_reads']} reads outside the bundle")),
+        ("fuzzed requests (`recommend`, `recommend_batch`)", f"{d['fuzzed_requests']:,}",
+         (f"{d['other_exceptions']} exceptions other than RequestError; a fixed request answers "
+         f"the same after: {'yes' if d['good_request_unchanged'] else 'no'}")),
+        ("re-exports while 3 threads load the current version",
+         f"{d['publish_exports']} exports, {d['publish_loads']:,} loads",
+         f"{d['publish_failed_loads']} failed loads"),
+    ]
+    lines = [_row(["fault", "trials", "outcome"]), "|---|---|---|"]
+    lines += [_row(r) for r in rows]
+    note = (f"\n\nThe detectors were checked in the same run (a read of the outside file and an "
+            f"unpickled payload are both seen): {'yes' if d['detectors_work'] else 'NO'}. "
+            f"{d['seconds'] / 60:.0f} minutes; load average {d['load_avg']:.1f} at the start.")
+    return "\n".join(lines) + note + _provenance(d)
+
+
 @dataclasses.dataclass(frozen=True)
 class Section:
-    source: str  # JSON file beside results.md
+    source: str  # JSON file beside the page
     command: str  # what writes it
     render: Callable[[dict], str]
+    page: str = "results.md"  # the page under docs/ that holds the block
 
 
 PIPELINE = (f"python -m benchmarks.pipeline_seeds --config configs/movielens.py --data {DATA} "
@@ -263,6 +295,8 @@ SECTIONS = {
                        "--json docs/serving.json", serving_table),
     "sharding": Section("sharding.json", "python -m benchmarks.sharding --json docs/sharding.json",
                         sharding_table),
+    "faults": Section("faults.json", "python -m benchmarks.faults --json docs/faults.json",
+                      faults_table, page="reliability.md"),
 }
 
 
@@ -277,45 +311,52 @@ def render_block(name: str, docs: pathlib.Path) -> str:
         raise ReportError(f"{path}: cannot render block {name!r}: {type(e).__name__}: {e}") from None
 
 
-def regenerate(text: str, docs: pathlib.Path) -> str:
-    """results.md with every block rendered again from the JSON in `docs`."""
+def regenerate(text: str, docs: pathlib.Path, page: str = "results.md") -> str:
+    """The page with every block rendered again from the JSON in `docs`."""
+    mine = [n for n, s in SECTIONS.items() if s.page == page]
     found = [m["name"] for m in BLOCK.finditer(text)]
-    unknown = sorted(set(found) - set(SECTIONS))
+    unknown = sorted(set(found) - set(mine))
     twice = sorted({n for n in found if found.count(n) > 1})
-    missing = [n for n in SECTIONS if n not in found]
+    missing = [n for n in mine if n not in found]
     if unknown or twice or missing:
-        raise ReportError("results.md blocks: " + "; ".join(
+        raise ReportError(f"{page} blocks: " + "; ".join(
             f"{what} {', '.join(names)}" for what, names in
             (("unknown", unknown), ("repeated", twice), ("missing", missing)) if names)
-            + f" (known: {', '.join(SECTIONS)})")
+            + f" (known: {', '.join(mine)})")
     return BLOCK.sub(lambda m: f"<!-- report:{m['name']} -->\n{render_block(m['name'], docs)}\n"
                                f"<!-- /report:{m['name']} -->", text)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--results", type=pathlib.Path, default=RESULTS,
-                   help="the markdown file; its JSON inputs lie beside it")
+    p.add_argument("--results", type=pathlib.Path,
+                   help="one markdown page (default: docs/results.md and docs/reliability.md); "
+                        "its JSON inputs lie beside it")
     p.add_argument("--check", action="store_true",
-                   help="change nothing; exit 1 and print a diff if the file is stale")
+                   help="change nothing; exit 1 and print a diff if a page is stale")
     args = p.parse_args(argv)
-    try:
-        old = args.results.read_text()
-        new = regenerate(old, args.results.parent)
-    except (OSError, ReportError) as e:
-        print(f"benchmarks.report: error: {e}", file=sys.stderr)
-        return 2
-    if not args.check:
-        if new != old:
-            args.results.write_text(new)
-        return 0
-    if new == old:
-        return 0
-    sys.stdout.writelines(difflib.unified_diff(old.splitlines(True), new.splitlines(True),
-                                               f"{args.results} (committed)",
-                                               f"{args.results} (regenerated)"))
-    print(f"{args.results} is stale: run python -m benchmarks.report", file=sys.stderr)
-    return 1
+    status = 0
+    for page in [args.results] if args.results else PAGES:
+        try:
+            old = page.read_text()
+            new = regenerate(old, page.parent, page.name if page.name in _pages() else "results.md")
+        except (OSError, ReportError) as e:
+            print(f"benchmarks.report: error: {e}", file=sys.stderr)
+            return 2
+        if new == old:
+            continue
+        if not args.check:
+            page.write_text(new)
+            continue
+        sys.stdout.writelines(difflib.unified_diff(old.splitlines(True), new.splitlines(True),
+                                                   f"{page} (committed)", f"{page} (regenerated)"))
+        print(f"{page} is stale: run python -m benchmarks.report", file=sys.stderr)
+        status = 1
+    return status
+
+
+def _pages() -> set[str]:
+    return {s.page for s in SECTIONS.values()}
 
 
 if __name__ == "__main__":
