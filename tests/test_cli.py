@@ -124,3 +124,27 @@ def test_checkpoint_of_another_shape_and_serving_from_the_cli(tmp_path):
                              "--k", "0"), "k")
     assert_user_error(recsys("serve", "--artifacts", str(tmp_path / "nothing"), "--user", "3"),
                       "nothing")
+
+
+@pytest.mark.parametrize("damage, command", [
+    (lambda text: text[:len(text) // 2], "serve"),  # truncated
+    (lambda text: "\udcff" + text, "index"),  # not UTF-8
+    (lambda text: json.dumps([json.loads(text)]), "serve"),  # JSON, but not an object
+])
+def test_a_damaged_manifest_is_one_line(tiny_run, tmp_path, damage, command):
+    import shutil
+
+    from recsys import artifacts
+    version = tmp_path / "bundle"
+    shutil.copytree(artifacts.published(tiny_run[0] / artifacts.ROOT), version)
+    manifest = version / artifacts.MANIFEST
+    manifest.write_bytes(damage(manifest.read_text()).encode("utf-8", "surrogateescape"))
+    args = ["--user", "1"] if command == "serve" else []
+    assert_user_error(recsys(command, "--artifacts", str(version), *args), artifacts.MANIFEST)
+
+
+def test_a_config_file_with_a_syntax_error_is_one_line(tmp_path):
+    config = tmp_path / "broken.py"
+    config.write_text("def get_config(:\n    pass\n")
+    assert_user_error(recsys("train", "--config", str(config), "--workdir", str(tmp_path / "w")),
+                      str(config), "syntax error")
