@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -144,6 +145,14 @@ class ScannSearcher:
         else:
             local_QxK, scores_QxK = self._scann.search_batched(q_QxD, kk, pre_reorder, leaves)
         return _finish(scores_QxK, local_QxK, self.rows_M, k, single)
+
+    def with_query_params(self, leaves_to_search: int, reorder: int) -> ScannSearcher:
+        """The same built index searched with other query-time settings (shares the index)."""
+        if self.params.mode != "tree_ah":
+            raise ValueError("query-time settings apply to a tree_ah index only")
+        params = dataclasses.replace(self.params, leaves_to_search=leaves_to_search,
+                                     reorder=reorder)
+        return ScannSearcher._restore(self._scann, params, self.rows_M, self.num_rows, self.dim)
 
     def save(self, directory: str | pathlib.Path) -> None:
         """Writes ScaNN's artifacts, the row mapping and the descriptor into `directory`."""

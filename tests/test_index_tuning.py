@@ -1,0 +1,53 @@
+"""The index tuned to a recall target on held-out queries, with exact search as the fallback."""
+
+import numpy as np
+import pytest
+
+from recsys import index as index_lib
+from recsys.config import IndexConfig
+from recsys.index import tuning
+
+
+@pytest.fixture(scope="module")
+def catalogue():
+    items, queries = index_lib.clustered_vectors(30_000, 1200, 16, num_clusters=300, seed=1)
+    valid = np.ones(len(items), bool)
+    valid[0] = False
+    return items, valid, queries, index_lib.build(items, IndexConfig(), valid)
+
+
+def test_a_met_target_is_the_fastest_setting_that_meets_it_on_held_out_queries(catalogue):
+    items, valid, queries, searcher = catalogue
+    assert searcher.params.mode == "tree_ah"
+    tuned, info = tuning.tune(searcher, items, valid, queries, target=0.9, k=10)
+    assert not info.fallback and info.queries == 600
+    assert info.tuning_recall >= 0.9 + tuning.margin(0.9, 600, 10)
+    assert info.recall >= 0.9 - 0.01  # the held-out half, within sampling noise
+    assert info.qps_per_cpu_s > 3 * info.exact_qps_per_cpu_s
+    assert tuned.params.leaves_to_search < searcher.params.num_leaves
+    assert info.params == tuned.params.to_dict()
+    # Every setting that met the goal with fewer leaves at the chosen reorder was tried and failed.
+    goal = 0.9 + tuning.margin(0.9, 600, 10)
+    same_reorder = [t for t in info.tried if t["reorder"] == tuned.params.reorder]
+    assert all(t["recall"] < goal for t in same_reorder
+               if t["leaves_to_search"] < tuned.params.leaves_to_search)
+    # A higher target needs a slower setting.
+    _, strict = tuning.tune(searcher, items, valid, queries, target=0.99, k=10)
+    assert strict.recall > info.recall and strict.qps_per_cpu_s < info.qps_per_cpu_s
+
+
+def test_an_unreachable_target_falls_back_to_exact_search(catalogue):
+    items, valid, queries, searcher = catalogue
+    exact, info = tuning.tune(searcher, items, valid, queries, target=1.0, k=10)
+    assert info.fallback and exact.params.mode == "brute_force" and info.recall == 1.0
+    np.testing.assert_array_equal(exact.search(queries[:50], 10)[1],
+                                  index_lib.ExactSearcher(items, valid).search(queries[:50], 10)[1])
+
+
+def test_small_catalogues_are_exact_already_and_bad_targets_are_refused(catalogue):
+    items, valid, queries, _ = catalogue
+    small = index_lib.build(items[:1000], IndexConfig(), valid[:1000])
+    same, info = tuning.tune(small, items[:1000], valid[:1000], queries[:100], target=0.95)
+    assert same is small and info.recall == 1.0 and not info.fallback
+    with pytest.raises(ValueError, match="target_recall"):
+        tuning.tune(small, items[:1000], valid[:1000], queries[:100], target=1.5)
