@@ -5,7 +5,7 @@ import resource
 import numpy as np
 import pytest
 
-from recsys.eval import exact_topk, target_ranks
+from recsys.eval import exact_topk, ranking, target_ranks
 
 
 def _scores(q_QxD, items_NxD):
@@ -142,3 +142,24 @@ def test_large_call_is_chunked():
     no_ex = np.zeros(21, np.int64)
     np.testing.assert_array_equal(
         ranks[:20], _reference_ranks(q[:20], items, targets[:20], no_ex, no_ex[:0]))
+
+
+@pytest.mark.parametrize("shape", [(8, 1), (2, 4), (1, 1)])
+def test_sharded_topk_equals_the_single_device_search_on_any_mesh(shape):
+    import jax
+
+    from recsys import sharding
+    from recsys.config import MeshConfig
+    rng = np.random.default_rng(0)
+    items = rng.standard_normal((2003, 8)).astype(np.float32)
+    items[7] = items[9]  # a tie: the lower row comes first on every mesh
+    q = rng.standard_normal((70, 8)).astype(np.float32)
+    q[0] = items[9]
+    mesh = sharding.make_mesh(MeshConfig(data=shape[0], model=shape[1]),
+                              devices=jax.devices()[:shape[0] * shape[1]])
+    scores, rows = ranking.sharded_topk(q, items, 10, mesh, item_chunk=128, query_block=32)
+    want_scores, want_rows = ranking.exact_topk(q, items, 10)
+    np.testing.assert_array_equal(rows, want_rows)
+    np.testing.assert_allclose(scores, want_scores, atol=1e-5)
+    first = list(rows[0]).index(7)
+    assert 0 not in rows and rows[0, first + 1] == 9  # equal scores: the lower row first
