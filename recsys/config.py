@@ -48,8 +48,11 @@ class _Section:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DataConfig(_Section):
     SECTION: ClassVar[str] = "data"
-    source: Literal["synthetic", "movielens", "tfds"] = "synthetic"  # where events come from
-    path: str = ""  # directory with MovieLens files (movielens) or a TFDS data_dir (tfds)
+    # where events come from (events: a team's own Parquet/CSV files, mapped by the fields below)
+    source: Literal["synthetic", "movielens", "tfds", "events"] = "synthetic"
+    # movielens: the MovieLens directory; tfds: a TFDS data_dir; events: a Parquet or CSV file,
+    # a directory of them or a glob ("events/*.parquet", files read in name order)
+    path: str = ""
     tfds_name: str = "recsys_interactions"  # dataset name inside path for source=tfds
     # Synthetic source (ignored by the others).
     num_users: int = 2000  # users generated
@@ -68,11 +71,24 @@ class DataConfig(_Section):
     # Events whose item is not in the catalogue (e.g. missing from movies.csv): counted and
     # reported, then dropped, or refused with an error naming the first one.
     unknown_items: Literal["drop", "fail"] = "drop"
+    # Events source (data.source=events; docs/data.md "Events"): column names in the files.
+    user_column: str = "user_id"  # events: user id column (ints or text); keys the user table
+    item_column: str = "item_id"  # events: item id column (ints or text); keys the item table
+    timestamp_column: str = "timestamp"  # events: time column (epoch seconds or ISO-8601 text)
+    weight_column: str = ""  # events: numeric weight column, checked, not used yet ("" = none)
+    item_features_path: str = ""  # events: item table, Parquet/CSV file, dir or glob ("" = none)
+    user_features_path: str = ""  # events: user table, Parquet/CSV file, dir or glob ("" = none)
+    multi_value_separator: str = "|"  # events: splits multi-valued text ("A|B") into multi-hot
+    max_bad_fraction: float = 0.01  # events: share of rows (no id/time) dropped before refusing
 
     def _check(self) -> None:
         for name in ("num_users", "num_items", "history_len"):
             self._require(getattr(self, name) > 0, name, "must be positive")
         self._require(self.max_examples_per_user >= 0, "max_examples_per_user", "must be >= 0")
+        self._require(0.0 <= self.max_bad_fraction <= 1.0, "max_bad_fraction",
+                      "must be in [0, 1]")
+        self._require(bool(self.multi_value_separator), "multi_value_separator",
+                      "must not be empty")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -218,10 +234,20 @@ class IndexConfig(_Section):
     num_leaves: int = 0  # ScaNN partitions (0 = derived from the catalogue size)
     leaves_to_search: int = 0  # partitions searched per query (0 = derived)
     reorder: int = 0  # candidates re-scored exactly (0 = derived)
+    num_shards: int = 1  # S: row ranges with a ScaNN searcher each, searched together and merged
+    # Tuning: the fastest query-time setting whose recall@recall_k against exact search on the
+    # validation events' query vectors meets this (0 = keep the derived setting, untuned).
+    target_recall: float = 0.95
+    recall_k: int = 10  # k of the recall target
+    tuning_queries: int = 2000  # query vectors sampled: half choose the setting, half measure it
 
     def _check(self) -> None:
         for name in ("num_leaves", "leaves_to_search", "reorder"):
             self._require(getattr(self, name) >= 0, name, "must be >= 0 (0 = derived)")
+        self._require(self.num_shards >= 1, "num_shards", "must be >= 1")
+        self._require(0 <= self.target_recall <= 1, "target_recall", "must be in [0, 1] (0 = off)")
+        self._require(self.recall_k >= 1, "recall_k", "must be >= 1")
+        self._require(self.tuning_queries >= 2, "tuning_queries", "must be >= 2")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

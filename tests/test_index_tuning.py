@@ -51,3 +51,29 @@ def test_small_catalogues_are_exact_already_and_bad_targets_are_refused(catalogu
     assert same is small and info.recall == 1.0 and not info.fallback
     with pytest.raises(ValueError, match="target_recall"):
         tuning.tune(small, items[:1000], valid[:1000], queries[:100], target=1.5)
+
+
+def test_a_sharded_index_agrees_with_one_searcher_and_reloads(catalogue, tmp_path):
+    items, valid, queries, one = catalogue
+    exact = index_lib.ExactSearcher(items, valid)
+    single = index_lib.measure(one, exact, queries, 10)
+    for shards in (2, 4):
+        sharded = index_lib.build(items, IndexConfig(num_shards=shards), valid)
+        assert isinstance(sharded, index_lib.ShardedSearcher) and len(sharded.shards) == shards
+        assert sorted(sharded.rows_M) == sorted(one.rows_M)  # every valid row, once
+        assert index_lib.measure(sharded, exact, queries, 10) >= single - 0.01
+        sharded.save(tmp_path / f"s{shards}")
+        back = index_lib.load(tmp_path / f"s{shards}")
+        np.testing.assert_array_equal(back.search(queries[:64], 10)[1],
+                                      sharded.search(queries[:64], 10)[1])
+    # A single query, and k above what one shard holds, keep one searcher's shapes.
+    scores, rows = sharded.search(queries[0], 10)
+    assert scores.shape == rows.shape == (10,) and np.all(np.diff(scores) <= 0)
+    (tmp_path / "s4" / "extra.pkl").write_bytes(b"x")
+    with pytest.raises(index_lib.IndexLoadError, match="extra.pkl"):
+        index_lib.load(tmp_path / "s4")
+    # Tuning applies one setting to every shard.
+    tuned, info = tuning.tune(index_lib.build(items, IndexConfig(num_shards=2), valid), items,
+                              valid, queries, target=0.9)
+    assert not info.fallback and info.recall >= 0.89
+    assert {s.params.leaves_to_search for s in tuned.shards} == {info.params["leaves_to_search"]}

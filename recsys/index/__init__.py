@@ -10,6 +10,8 @@ from recsys.index.searcher import (
     build,
     load,
 )
+from recsys.index.sharded import ShardedSearcher
 
-__all__ = ["ExactSearcher", "IndexLoadError", "ScannParams", "ScannSearcher", "Searcher", "build",
+__all__ = ["ExactSearcher", "IndexLoadError", "ScannParams", "ScannSearcher", "Searcher",
+           "ShardedSearcher", "build",
            "clustered_vectors", "derive_params", "load", "measure", "recall_at_k"]

@@ -180,6 +180,9 @@ def build(item_vectors: np.ndarray, cfg: IndexConfig,
     """Builds the searcher named by `cfg.kind` over `item_vectors` [N, D] (valid_mask [N] bool)."""
     if cfg.kind == "exact":
         return ExactSearcher(item_vectors, valid_mask)
+    if cfg.kind == "scann" and cfg.num_shards > 1:
+        from recsys.index.sharded import ShardedSearcher
+        return ShardedSearcher.build(item_vectors, cfg, valid_mask)
     if cfg.kind == "scann":
         items_NxD = _as_items(item_vectors)
         num_valid = len(_valid_rows(len(items_NxD), valid_mask))
@@ -201,6 +204,9 @@ def load(directory: str | pathlib.Path) -> Searcher:
     try:
         kind, num_rows, dim = desc["kind"], int(desc["num_rows"]), int(desc["dim"])
         _check_own_name(directory, desc, "rows_file", ROWS_FILE)
+        if kind == "sharded":
+            from recsys.index.sharded import load_shards
+            return load_shards(directory, desc)
         rows_M = _read_npy(directory / ROWS_FILE, np.int64, 1)
         if kind == "exact":
             _check_own_name(directory, desc, "items_file", ITEMS_FILE)

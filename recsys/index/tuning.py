@@ -73,7 +73,7 @@ def tune(searcher: Searcher, items_VxD: np.ndarray, valid_V: np.ndarray, queries
     exact = ExactSearcher(items_VxD, valid_V)
     truth_tune, truth_held = exact.search(tune_q, k)[1], exact.search(held_q, k)[1]
     exact_qps = _qps(exact, held_q, k)
-    if not (isinstance(searcher, ScannSearcher) and searcher.params.mode == "tree_ah"):
+    if getattr(searcher, "params", None) is None or searcher.params.mode != "tree_ah":
         recall = recall_at_k(searcher.search(held_q, k)[1], truth_held)
         return searcher, Tuning(target, k, recall, recall, len(held_q), _qps(searcher, held_q, k),
                                 exact_qps, False, _params_of(searcher), [])
@@ -86,7 +86,7 @@ def tune(searcher: Searcher, items_VxD: np.ndarray, valid_V: np.ndarray, queries
             recall = recall_at_k(tuned.search(held_q, k)[1], truth_held)
             return tuned, Tuning(target, k, recall, best["recall"], len(held_q),
                                  best["qps_per_cpu_s"], exact_qps, False, _params_of(tuned), tried)
-        if attempt == 0:  # a better-trained tree, once
+        if attempt == 0 and isinstance(searcher, ScannSearcher):  # a better-trained tree, once
             p = searcher.params
             sample = min(len(exact.rows_M), 2 * p.training_sample_size)
             if sample == p.training_sample_size:
