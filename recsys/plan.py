@@ -11,7 +11,7 @@ import numpy as np
 from recsys import sharding
 from recsys.config import Config, ConfigError, MeshConfig, ModelConfig
 from recsys.data.dataset import Dataset
-from recsys.models.two_tower import TwoTower
+from recsys.models.two_tower import TwoTower, Vocabularies
 from recsys.train import state as state_lib
 from recsys.train.loop import vocabularies
 
@@ -48,9 +48,10 @@ class MemoryPlan:
         return None if self.device_bytes is None else self.total_bytes <= self.device_bytes
 
 
-def abstract_two_tower_state(cfg: Config, ds: Dataset, mesh):
-    """ShapeDtypeStructs with shardings of the (model, optimizer) state train_retrieval builds."""
-    vocab = vocabularies(ds)
+def abstract_two_tower_state(cfg: Config, ds: Dataset | Vocabularies, mesh):
+    """ShapeDtypeStructs with shardings of the (model, optimizer) state train_retrieval builds,
+    for a dataset or for table sizes alone."""
+    vocab = ds if isinstance(ds, Vocabularies) else vocabularies(ds)
     return state_lib.abstract(lambda rngs: TwoTower(cfg.model, vocab, rngs),
                               state_lib.make_optimizer(cfg.train, logq_rows=vocab.num_items),
                               cfg.train.seed, mesh)[1]
@@ -138,6 +139,14 @@ def device_memory(cfg: MeshConfig) -> tuple[int | None, str]:
 def for_dataset(cfg: Config, ds: Dataset, mesh) -> MemoryPlan:
     """The plan of the two-tower model for `ds` on a Mesh or an AbstractMesh."""
     return memory_plan(abstract_two_tower_state(cfg, ds, mesh), cfg, mesh)
+
+
+def for_sizes(cfg: Config, num_users: int, num_items: int, mesh) -> MemoryPlan:
+    """The plan for a catalogue of `num_items` and `num_users` without reading any data (the
+    features' widths from the config: data.num_genres genres, no user features)."""
+    vocab = Vocabularies(num_users=num_users + 1, num_items=num_items + 1,
+                         num_genres=cfg.data.num_genres, history_len=cfg.data.history_len)
+    return memory_plan(abstract_two_tower_state(cfg, vocab, mesh), cfg, mesh)
 
 
 def planning_mesh(cfg: MeshConfig) -> jax.sharding.AbstractMesh:
