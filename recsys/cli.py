@@ -4,15 +4,105 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import pathlib
 import sys
 
 USER_ERRORS: tuple[type[BaseException], ...] = ()  # filled in main() after the heavy imports
 
+DESCRIPTION = """\
+Train a two-tower retrieval model and a ranker, export them with a ScaNN index, and serve
+recommendations through four stages (retrieve, filter, score, order).
+
+A run lives in a workdir: config.json, checkpoints/, metrics.jsonl and tb/ (training curves),
+metrics.json (test metrics), artifacts/ (what serving loads) and report/ (pictures)."""
+
+EXAMPLES = """\
+start here:
+  recsys pipeline --config configs/quickstart.py --workdir runs/quickstart
+  recsys serve --artifacts runs/quickstart/artifacts --user 42
+  recsys report --workdir runs/quickstart
+
+`recsys COMMAND --help` says what a command does, what it writes, and gives an example.
+`--set section.field=value` overrides any config field; `recsys config` lists them all."""
+
+# Each command's --help: what it does and writes, then an example (shown under "example:").
+HELP = {
+    "pipeline": ("""\
+Run a whole experiment: train the retrieval model and the ranker, export the artifacts with a
+fresh index, and evaluate every stage on the test split.
+
+Writes into WORKDIR: config.json (the resolved config), checkpoints/, metrics.jsonl and tb/
+(training curves), metrics.json (test metrics) and artifacts/ (what serving loads). Ends with a
+summary and a sample recommendation.""",
+                 "recsys pipeline --config configs/quickstart.py --workdir runs/quickstart"),
+    "train": ("""\
+Train the retrieval model, then the ranker, resuming from WORKDIR/checkpoints when a run was
+interrupted.
+
+Writes into WORKDIR: config.json, checkpoints/, metrics.jsonl and tb/ (training curves), and the
+train/* and ranker/* keys of metrics.json. Prints those keys.""",
+              "recsys train --config configs/tiny.py --workdir runs/tiny --set train.num_steps=20"),
+    "export": ("""\
+Export the models of a finished `recsys train` (never trains): towers, ranker, item vectors,
+features and a ScaNN index.
+
+Writes WORKDIR/artifacts/versions/<id>/ (under a temporary name, renamed when complete) and
+switches WORKDIR/artifacts/current to it; old versions beyond export.keep_versions go.""",
+               "recsys export --config configs/tiny.py --workdir runs/tiny"),
+    "eval": ("""\
+Evaluate the checkpoints, the published index and the served pipeline on the test split
+(never trains).
+
+Writes retrieval/*, index/recall@10, pipeline/* and ordering/* into WORKDIR/metrics.json and
+prints a summary.""",
+             "recsys eval --config configs/tiny.py --workdir runs/tiny"),
+    "plan": ("""\
+Print the memory plan of a config: bytes per device of the embedding tables, optimizer state,
+activations and logits, and whether they fit. Plans for the config's mesh, even one larger
+than this machine. Writes nothing.""",
+             ("recsys plan --config configs/quickstart.py --set mesh.data=4 --set mesh.model=2 "
+              "--device-memory 16")),
+    "index": ("""\
+Rebuild the index of an artifacts directory with new index.* settings (the models are
+unchanged).
+
+Writes a new version beside the old one in ARTIFACTS/versions/ and switches `current` to it.
+Prints the new index's recall@10 on item-neighbourhood queries.""",
+              "recsys index --artifacts runs/quickstart/artifacts --set index.leaves_to_search=96"),
+    "serve": ("""\
+Print recommendations from an artifacts directory for a known user (--user) or a new one
+given by a history of item ids (--history), with titles when known and the milliseconds of
+each stage. Writes nothing.""",
+              "recsys serve --artifacts runs/quickstart/artifacts --history 17,256,1024 --k 5"),
+    "serve-http": ("""\
+Serve recommendations over HTTP from an artifacts directory: POST /recommend and
+/recommend_batch (JSON), GET /healthz and /metrics (Prometheus), POST /admin/reload.
+Needs the http extra (pip install 'recsys[http]'). Writes nothing; logs to stderr.""",
+                   "recsys serve-http --artifacts runs/quickstart/artifacts --port 8000"),
+    "config": ("""\
+Print the resolved config of a config file and its overrides: every field, one line each,
+grouped by section, with its value, its default and what it means. Fields that differ from
+the default are marked with *. Writes nothing.""",
+               ("recsys config --config configs/movielens.py "
+                "--set data.path=../shared/data/ml-latest-small")),
+    "report": ("""\
+Draw pictures of a run as PNG files: training curves (from metrics.jsonl), HR@K of retrieval
+and the pipeline against the popularity baseline, the index's recall@10 against queries per
+CPU-second, and a per-stage latency histogram of the served artifacts. A picture whose inputs the
+workdir lacks is skipped with a one-line reason. Needs matplotlib (pip install 'recsys[report]').
+
+Writes WORKDIR/report/{curves,hr_at_k,index,latency}.png (or into --out).""",
+               "recsys report --workdir runs/quickstart"),
+}
+
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="recsys", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+    from recsys.artifacts import recsys_version
+    p = argparse.ArgumentParser(prog="recsys", description=DESCRIPTION, epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"recsys {recsys_version()}")
+    sub = p.add_subparsers(title="commands", dest="command", required=True, metavar="COMMAND")
 
     def with_config(name: str, help: str) -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help)
@@ -22,30 +112,58 @@ def _parser() -> argparse.ArgumentParser:
                        help="override a config field, e.g. --set train.num_steps=20 (repeatable)")
         return s
 
-    with_config("pipeline", "train -> export -> index -> rank -> evaluate, end to end")
+    with_config("pipeline", "a whole run: train both models, export the artifacts, evaluate")
     with_config("train", "train retrieval and ranker (resumes from the workdir's checkpoints)")
     with_config("export", "write WORKDIR/artifacts (towers, ranker, features, index) from checkpoints")
     with_config("eval", "evaluate checkpoints and artifacts on the test split; writes metrics.json")
     plan = sub.add_parser("plan", help="print the memory plan: bytes per device, and whether it fits")
     plan.add_argument("--config", required=True, help="Python file with get_config()")
-    plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config field, e.g. --set mesh.data=4 (repeatable)")
     plan.add_argument("--device-memory", type=float, metavar="GIB",
                       help="memory of one device (default: what the device reports)")
     idx = sub.add_parser("index", help="rebuild the index of an artifacts directory")
-    idx.add_argument("--artifacts", required=True)
-    idx.add_argument("--set", action="append", default=[], metavar="index.KEY=VALUE")
+    idx.add_argument("--artifacts", required=True, help="artifacts root (WORKDIR/artifacts)")
+    idx.add_argument("--set", action="append", default=[], metavar="index.KEY=VALUE",
+                     help="index setting, e.g. --set index.kind=exact (repeatable)")
     serve = sub.add_parser("serve", help="print recommendations from an artifacts directory")
-    serve.add_argument("--artifacts", required=True)
+    serve.add_argument("--artifacts", required=True, help="artifacts root (WORKDIR/artifacts)")
     serve.add_argument("--user", help="raw user id")
     serve.add_argument("--history", help="comma-separated raw item ids (a new user)")
     serve.add_argument("--exclude", help="comma-separated raw item ids never to recommend")
-    serve.add_argument("--k", type=int, default=10)
+    serve.add_argument("--k", type=int, default=10, help="items to recommend (> 0; default 10)")
     serve.add_argument("--json", action="store_true", help="print the result as JSON")
+    http = sub.add_parser("serve-http", help="serve recommendations over HTTP (needs recsys[http])")
+    http.add_argument("--artifacts", required=True, help="artifacts root (or a version of one)")
+    http.add_argument("--port", type=int, required=True, help="TCP port (0: any free one)")
+    http.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    http.add_argument("--watch", type=float, metavar="SECONDS",
+                      help="reload when the root's `current` changes, polled every SECONDS")
+    cfg = sub.add_parser("config", help="print the resolved config: values, defaults, comments")
+    cfg.add_argument("--config", required=True, help="Python file with get_config()")
+    cfg.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config field, e.g. --set train.num_steps=20 (repeatable)")
+    report = sub.add_parser("report", help="draw PNG pictures of a run (needs recsys[report])")
+    report.add_argument("--workdir", required=True, help="the run's workdir")
+    report.add_argument("--out", help="directory for the pictures (default: WORKDIR/report)")
+    report.add_argument("--requests", type=int, default=300, metavar="N",
+                        help="recommend calls timed for the latency picture (default 300)")
+    for name, s in sub.choices.items():  # tests/test_cli_help.py checks every command has one
+        if name in HELP:
+            s.formatter_class = argparse.RawDescriptionHelpFormatter
+            s.description, example = HELP[name]
+            s.epilog = f"example:\n  {example}"
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if not logging.getLogger().handlers:  # unless the caller configured logging: recsys's INFO
+        # lines (progress when stderr is not a terminal), other libraries' warnings (orbax and
+        # absl say much at INFO)
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s",
+                            datefmt="%H:%M:%S")
+        logging.getLogger("recsys").setLevel(logging.INFO)
     global USER_ERRORS
     from recsys.artifacts import ArtifactError
     from recsys.config import ConfigError
@@ -136,6 +254,10 @@ def cmd_serve(args) -> int:
     if args.user is None and args.history is None:
         print("recsys serve: error: give --user ID and/or --history ID,ID,...", file=sys.stderr)
         return 2
+    if args.k <= 0:
+        print(f"recsys serve: error: --k {args.k}: must be a positive number of items",
+              file=sys.stderr)
+        return 2
     rec = Recommender.load(args.artifacts)
     split = (lambda s: [x.strip() for x in s.split(",") if x.strip()])
     out = rec.recommend(user_id=args.user, k=args.k,
@@ -147,6 +269,112 @@ def cmd_serve(args) -> int:
                           "cold_start": out.cold_start}, indent=2, default=str))
         return 0
     _print_recommendation(out)
+    return 0
+
+
+def cmd_serve_http(args) -> int:
+    try:
+        from recsys.serve import http
+    except ImportError as e:
+        if "recsys[http]" not in str(e):
+            raise
+        print(f"recsys serve-http: error: {e}", file=sys.stderr)
+        return 2
+    http.serve(args.artifacts, args.host, args.port, watch=args.watch)
+    return 0
+
+
+def cmd_config(args) -> int:
+    from recsys import config as config_lib
+    cfg = config_lib.apply_overrides(config_lib.load(args.config), args.set)
+    print(_format_config(cfg, args.config))
+    return 0
+
+
+def _format_config(cfg, source: str) -> str:
+    """One line per field, grouped by section: name, value, default and the field's comment."""
+    import dataclasses
+
+    from recsys import config as config_lib
+    comments = _field_comments()
+    default = config_lib.Config()
+    groups = [("", cfg, default)] + [(f.name, getattr(cfg, f.name), getattr(default, f.name))
+                                     for f in dataclasses.fields(cfg)
+                                     if dataclasses.is_dataclass(getattr(cfg, f.name))]
+    rows = []  # (section, marker, name, value, default, comment)
+    for section, obj, base in groups:
+        for f in dataclasses.fields(obj):
+            value, dflt = getattr(obj, f.name), getattr(base, f.name)
+            if not dataclasses.is_dataclass(value):
+                rows.append((section, "*" if value != dflt else " ", f.name, repr(value),
+                             repr(dflt), comments.get((type(obj).__name__, f.name), "")))
+    name_w = max(len(r[2]) for r in rows)
+    value_w = min(max(len(r[3]) for r in rows), 24)
+    dflt_w = min(max(len(r[4]) for r in rows), 24)
+    lines = [f"# {source}: the resolved config; * marks a value that differs from the default"]
+    for section in dict.fromkeys(r[0] for r in rows):
+        if section:
+            doc = (type(getattr(cfg, section)).__doc__ or "").strip().splitlines()[0]
+            lines.append(f"\n[{section}]" + ("" if doc.startswith(type(getattr(cfg, section))
+                                                                   .__name__) else f"  {doc}"))
+        for _, mark, name, value, dflt, comment in (r for r in rows if r[0] == section):
+            lines.append(f"{mark} {name:<{name_w}}  {value:<{value_w}}  default {dflt:<{dflt_w}}"
+                         f"  {comment}".rstrip())
+    return "\n".join(lines)
+
+
+def _field_comments() -> dict[tuple[str, str], str]:
+    """{(class, field): the field's comment in recsys/config.py}: the comment on its line (with
+    the comment lines below when it ends open), else the comment lines right above it."""
+    import ast
+    import inspect
+    import io
+    import tokenize
+
+    from recsys import config as config_lib
+    source = inspect.getsource(config_lib)
+    lines = source.splitlines()
+    comments = {tok.start[0]: tok.string.lstrip("#").strip()
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+                if tok.type == tokenize.COMMENT}
+    alone = {n for n in comments if lines[n - 1].lstrip().startswith("#")}
+    still_open = (lambda s: s.endswith((";", ":", ",")) or s.count("(") > s.count(")"))
+    out = {}
+    for cls in ast.parse(source).body:
+        for stmt in cls.body if isinstance(cls, ast.ClassDef) else ():
+            if not (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)):
+                continue
+            n = stmt.end_lineno
+            if n in comments and n not in alone:
+                text = [comments[n]]
+                while still_open(text[-1]) and n + 1 in alone:
+                    n += 1
+                    text.append(comments[n])
+            else:
+                text, n = [], stmt.lineno - 1
+                while n in alone:
+                    text.insert(0, comments[n])
+                    n -= 1
+            out[(cls.name, stmt.target.id)] = " ".join(text)
+    return out
+
+
+def cmd_report(args) -> int:
+    from recsys import report
+    if args.requests <= 0:
+        print(f"recsys report: error: --requests {args.requests}: must be positive", file=sys.stderr)
+        return 2
+    try:
+        result = report.render(_workdir(args), args.out, requests=args.requests)
+    except report.ReportError as e:
+        print(f"recsys report: error: {e}", file=sys.stderr)
+        return 2
+    for path in result.written.values():
+        print(f"wrote {path}")
+    for name, why in result.skipped.items():
+        print(f"skipped {name}: {why}")
+    for note in result.notes:
+        print(f"note: {note}")
     return 0
 
 
@@ -190,7 +418,8 @@ def _summary(metrics: dict, workdir: pathlib.Path) -> None:
 
 
 COMMANDS = {"pipeline": cmd_pipeline, "train": cmd_train, "export": cmd_export, "eval": cmd_eval,
-            "plan": cmd_plan, "index": cmd_index, "serve": cmd_serve}
+            "plan": cmd_plan, "index": cmd_index, "serve": cmd_serve,
+            "serve-http": cmd_serve_http, "config": cmd_config, "report": cmd_report}
 
 if __name__ == "__main__":
     sys.exit(main())
