@@ -62,9 +62,7 @@ def _ranks(ds: Dataset, split: str, q_QxD: np.ndarray, items_VxD: np.ndarray,
 
 def popularity(ds: Dataset, split: str, cfg: EvalConfig) -> dict:
     """Every user gets the items by how often they occur among the fitted events."""
-    counts_V = ds.item_counts(fit_positions(ds, split)).astype(np.float32)
-    num_q = len(protocol.eval_positions(ds, split, cfg))
-    ranks = _ranks(ds, split, np.ones((num_q, 1), np.float32), counts_V[:, None], cfg)
+    ranks = protocol.popularity_ranks(ds, split, cfg)
     return metrics.ranking_metrics(ranks, cfg.ks)
 
 

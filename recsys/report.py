@@ -265,18 +265,13 @@ def popularity_ranks(workdir: pathlib.Path) -> np.ndarray:
     from recsys import config as config_lib
     from recsys import pipeline
     from recsys.data.schema import DataError
-    from recsys.eval import protocol, ranking
+    from recsys.eval import protocol
     cfg = config_lib.from_dict(_read_json(workdir / "config.json"))
     try:
         ds = pipeline.load_data(cfg.data)
     except (config_lib.ConfigError, DataError, FileNotFoundError) as e:
         raise Skip(f"the run's data cannot be loaded ({e})") from None
-    positions = protocol.eval_positions(ds, "test", cfg.eval)
-    counts_V = ds.item_counts(ds.train_positions("train+val")).astype(np.float32)
-    offsets, excluded = ds.earlier_items(positions)
-    return ranking.target_ranks(np.ones((len(positions), 1), np.float32), counts_V[:, None],
-                                ds.seq_items[positions], offsets, excluded,
-                                item_chunk=cfg.eval.item_chunk)
+    return protocol.popularity_ranks(ds, "test", cfg.eval)
 
 
 # ---- (c) index recall against speed -------------------------------------------------------

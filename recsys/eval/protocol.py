@@ -73,3 +73,15 @@ def evaluate_retrieval(model, ds: Dataset, split: str, cfg: EvalConfig) -> Retri
                                  item_chunk=cfg.item_chunk)
     return RetrievalEval(metrics.ranking_metrics(ranks, cfg.ks), positions, q_QxD, items_VxD,
                          np.asarray(ranks))
+
+
+def popularity_ranks(ds: Dataset, split: str, cfg: EvalConfig) -> np.ndarray:
+    """Target ranks [Q] of the popularity baseline on `split`: every user gets the items by how
+    often they occur among the events before the split (train; train + val for test), with the
+    protocol's users, exclusions and tie rule."""
+    counts_V = ds.item_counts(ds.train_positions("train" if split == "val" else "train+val"))
+    positions = eval_positions(ds, split, cfg)
+    offsets, excluded = ds.earlier_items(positions)
+    return ranking.target_ranks(np.ones((len(positions), 1), np.float32),
+                                counts_V.astype(np.float32)[:, None], ds.seq_items[positions],
+                                offsets, excluded, item_chunk=cfg.item_chunk)

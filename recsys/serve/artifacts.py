@@ -36,6 +36,7 @@ class Loaded:
     ranker_fn: object | None  # (params, inputs) -> scores [b, n]
     ranker_params: dict | None
     searcher: object
+    path: pathlib.Path | None = None  # the version directory read (its name is the version)
 
 
 def load(path: str | pathlib.Path) -> Loaded:
@@ -69,7 +70,7 @@ def _read(d: pathlib.Path, manifest: dict) -> Loaded:
         query_params=_on_device(d / bundle.QUERY_PARAMS),
         ranker_fn=_exported_with_names(d / bundle.RANKER)[0] if has_ranker else None,
         ranker_params=_on_device(d / bundle.RANKER_PARAMS) if has_ranker else None,
-        searcher=index_lib.load(d / bundle.INDEX_DIR))
+        searcher=index_lib.load(d / bundle.INDEX_DIR), path=d)
 
 
 def ranker_tables(a: Loaded) -> RankerTables:

@@ -1,12 +1,16 @@
-"""`Recommender`: the four stages per request — retrieve, filter, score, order — with timings."""
+"""`Recommender`: the four stages per request — retrieve, filter, score, order — with timings,
+over one loaded artifacts version at a time (`reload` swaps in the published one)."""
 
 from __future__ import annotations
 
 import dataclasses
 import pathlib
+import threading
 import time
 from collections.abc import Sequence
 
+from recsys import artifacts as bundle
+from recsys.artifacts import ArtifactError
 from recsys.config import ServeConfig
 from recsys.serve import artifacts, filtering, ordering, retrieval, scoring
 from recsys.serve.requests import (
@@ -29,51 +33,132 @@ class Recommendation:
     unknown_ids: list = dataclasses.field(default_factory=list)  # request ids not in the vocabularies
     cold_start: bool = False  # True when neither a known user nor a known history was given
     titles: list[str] | None = None
+    version: str = ""  # the artifacts version directory's name that produced it
 
 
-class Recommender:
-    """Serves recommendations from an artifacts directory (see recsys.export, docs/serving.md).
+@dataclasses.dataclass(frozen=True)
+class Stages:
+    """Everything a request reads, built from one loaded version and never changed after: a
+    request takes one `Stages` and runs all four stages on it (only the availability mask inside
+    `filter` changes, copy on write)."""
 
-    Thread-safe: requests share only read-only arrays, compiled functions and the availability
-    mask, which `set_available` replaces atomically.
-    """
-
-    def __init__(self, loaded: artifacts.Loaded, cfg: ServeConfig | None = None):
-        self.artifacts = loaded  # read-only: vocabularies, item tables, stored histories
-        self.cfg = cfg or ServeConfig()
-        self.genre_names = tuple(loaded.manifest.get("genre_names", ()))
-        # N: candidates per request after filtering (the catalogue may hold fewer).
-        self.num_candidates = min(self.cfg.num_candidates, len(loaded.item_vectors) - 1)
-        self.scorer = scoring.Scorer(loaded, self.num_candidates)
-        self.retriever = retrieval.Retriever(loaded, self.cfg, self.num_candidates,
-                                             self.scorer.default_time)
-        self.filter = filtering.Filter(loaded, self.genre_names, self.num_candidates)
-        self.parser = RequestParser(loaded, self.cfg, self.genre_names, self.scorer.default_time)
+    version: str  # the version directory's name ("" for a bundle built in memory)
+    artifacts: artifacts.Loaded
+    cfg: ServeConfig
+    genre_names: tuple[str, ...]
+    num_candidates: int  # N: candidates per request after filtering
+    scorer: scoring.Scorer
+    retriever: retrieval.Retriever
+    filter: filtering.Filter
+    parser: RequestParser
 
     @classmethod
-    def load(cls, directory: str | pathlib.Path, warmup: bool = True, **overrides) -> Recommender:
-        """Loads and verifies artifacts, then (by default) compiles every batch bucket.
-
-        overrides: ServeConfig fields replacing the artifacts' own serve config; a bad one
-        raises `recsys.config.ConfigError` (a ValueError) naming it, here rather than per request.
-        """
-        loaded = artifacts.load(directory)
-        cfg = serve_config(loaded.manifest["config"].get("serve", {}), overrides)
-        rec = cls(loaded, cfg)
-        if warmup:
-            rec.warmup()
-        return rec
+    def build(cls, loaded: artifacts.Loaded, cfg: ServeConfig) -> Stages:
+        genre_names = tuple(loaded.manifest.get("genre_names", ()))
+        # The catalogue may hold fewer than cfg.num_candidates items.
+        n = min(cfg.num_candidates, len(loaded.item_vectors) - 1)
+        scorer = scoring.Scorer(loaded, n)
+        return cls(version=loaded.path.name if loaded.path else "", artifacts=loaded, cfg=cfg,
+                   genre_names=genre_names, num_candidates=n, scorer=scorer,
+                   retriever=retrieval.Retriever(loaded, cfg, n, scorer.default_time),
+                   filter=filtering.Filter(loaded, genre_names, n),
+                   parser=RequestParser(loaded, cfg, genre_names, scorer.default_time))
 
     def warmup(self) -> None:
         """Compiles the query tower and ranker for every batch bucket (fixed candidate count)."""
         self.retriever.warmup()
         self.scorer.warmup()
 
+
+class Recommender:
+    """Serves recommendations from an artifacts directory (see recsys.export, docs/serving.md).
+
+    Thread-safe: requests share only read-only arrays, compiled functions and the availability
+    mask, which `set_available` replaces atomically. Each request reads one `Stages` (one
+    version) from start to end; `reload` builds the next one aside and swaps the reference.
+    """
+
+    def __init__(self, loaded: artifacts.Loaded, cfg: ServeConfig | None = None, *,
+                 overrides: dict | None = None):
+        """overrides: the ServeConfig fields `reload` lays over a new version's stored config."""
+        self._stages = Stages.build(loaded, cfg or ServeConfig())
+        self._overrides = dict(overrides or {})
+        self._root = _root_or_none(loaded.path)  # where `reload` finds the published version
+        self._unavailable: set = set()  # raw ids made unavailable; they carry over a reload
+        self._swap_lock = threading.Lock()  # set_available vs the swap of `_stages`
+        self._reload_lock = threading.Lock()  # one reload at a time
+
+    @classmethod
+    def load(cls, directory: str | pathlib.Path, warmup: bool = True, **overrides) -> Recommender:
+        """Loads and verifies artifacts, then (by default) compiles every batch bucket.
+
+        directory: an artifacts root (its `current` version is read), or a version directory.
+        overrides: ServeConfig fields replacing the artifacts' own serve config; a bad one
+        raises `recsys.config.ConfigError` (a ValueError) naming it, here rather than per request.
+        """
+        loaded = artifacts.load(directory)
+        cfg = serve_config(loaded.manifest["config"].get("serve", {}), overrides)
+        rec = cls(loaded, cfg, overrides=overrides)
+        if warmup:
+            rec.warmup()
+        return rec
+
+    def reload(self, warmup: bool = True) -> str:
+        """Serves the version the artifacts root's `current` names now; returns its name.
+
+        Runs in the caller's thread: the new version is loaded, verified and (by default) warmed
+        up aside while requests go on with the old one, then one reference is swapped. Requests
+        in flight finish on the version they started with. Nothing is reloaded when `current`
+        still names the version served. A failed load (ArtifactError, ConfigError) leaves the old
+        version serving.
+        """
+        if self._root is None:
+            raise ArtifactError(f"{self.artifacts.path}: not a version of an artifacts root "
+                                "(ROOT/versions/<id>), so there is no `current` to reload from")
+        with self._reload_lock:
+            published = bundle.published(self._root)
+            if published is not None and published.name == self.version:
+                return self.version
+            loaded = artifacts.load(self._root)
+            stages = Stages.build(
+                loaded, serve_config(loaded.manifest["config"].get("serve", {}), self._overrides))
+            if warmup:
+                stages.warmup()
+            with self._swap_lock:
+                rows = stages.artifacts.items.lookup(list(self._unavailable))
+                stages.filter.availability.set(rows[rows > 0], False)
+                self._stages = stages
+            return stages.version
+
+    # What the version being served holds (read-only; a reload replaces it whole).
+    version = property(lambda self: self._stages.version, doc="the served version's name")
+    artifacts = property(lambda self: self._stages.artifacts, doc="the loaded bundle")
+    cfg = property(lambda self: self._stages.cfg)
+    genre_names = property(lambda self: self._stages.genre_names)
+    num_candidates = property(lambda self: self._stages.num_candidates)
+    scorer = property(lambda self: self._stages.scorer)
+    retriever = property(lambda self: self._stages.retriever)
+    filter = property(lambda self: self._stages.filter)
+    parser = property(lambda self: self._stages.parser)
+
+    def warmup(self) -> None:
+        """Compiles the query tower and ranker for every batch bucket (fixed candidate count)."""
+        self._stages.warmup()
+
     def set_available(self, item_ids, available: bool) -> list:
-        """Marks raw item ids (un)available for every later request; returns the unknown ids."""
+        """Marks raw item ids (un)available for every later request, this version and the ones
+        `reload` brings; returns the ids this version does not know (they are not marked)."""
         ids = id_list("item_ids", item_ids)
-        rows = self.artifacts.items.lookup(ids)
-        self.filter.availability.set(rows[rows > 0], bool(available))
+        with self._swap_lock:
+            stages = self._stages
+            rows = stages.artifacts.items.lookup(ids)
+            known = rows[rows > 0]
+            stages.filter.availability.set(known, bool(available))
+            raw = stages.artifacts.items.raw(known).tolist() if len(known) else []
+            if available:
+                self._unavailable.difference_update(raw)
+            else:
+                self._unavailable.update(raw)
         return [i for i, r in zip(ids, rows) if r == 0]
 
     def recommend(self, user_id: str | int | None = None,
@@ -112,45 +197,57 @@ class Recommender:
             raise RequestError("requests",
                                f"expected a list of dicts, got {type(requests).__name__}")
         t0 = time.perf_counter()
-        parsed = [self.parser.parse(r) for r in requests]
+        stages = self._stages  # one version for the whole call, whatever a reload does meanwhile
+        parsed = [stages.parser.parse(r) for r in requests]
         out = []
         for lo in range(0, len(parsed), BATCH_BUCKETS[-1]):
-            out += self._run(parsed[lo:lo + BATCH_BUCKETS[-1]], t0)
+            out += _run(stages, parsed[lo:lo + BATCH_BUCKETS[-1]], t0)
             t0 = time.perf_counter()
         return out
 
-    def _run(self, reqs: list[Request], t0: float) -> list[Recommendation]:
-        marks = [time.perf_counter()]
-        hist_BxL = self.retriever.histories(reqs)
-        q_BxD = self.retriever.request_vectors(reqs, hist_BxL)
-        fetch = self.retriever.depth(reqs)
-        cand_BxM = self.retriever.retrieve(reqs, q_BxD, hist_BxL, fetch)
-        marks.append(time.perf_counter())
-        cand_BxN = self.filter.first_allowed(reqs, cand_BxM)
-        cand_BxN = self.retriever.refetch(reqs, q_BxD, hist_BxL, cand_BxN, fetch,
-                                          self.filter.first_allowed)
-        marks.append(time.perf_counter())
-        score_BxN = self.scorer.score(reqs, q_BxD, hist_BxL, cand_BxN)
-        marks.append(time.perf_counter())
-        picked = ordering.order_batch(reqs, cand_BxN, score_BxN,
-                                      item_vectors=self.artifacts.item_vectors,
-                                      item_genres=self.artifacts.item_genres,
-                                      similarity=self.cfg.mmr_similarity)
-        out = [self._result(r, cand_BxN[i][p], score_BxN[i][p])
-               for i, (r, p) in enumerate(zip(reqs, picked))]
-        marks.append(time.perf_counter())
-        timings = {s: (marks[i + 1] - marks[i]) * 1e3 for i, s in enumerate(STAGES)}
-        timings["total"] = (marks[-1] - t0) * 1e3
-        for rec in out:
-            rec.timings = dict(timings)
-        return out
 
-    def _result(self, r: Request, rows, scores) -> Recommendation:
-        titles = self.artifacts.item_titles
-        return Recommendation(items=self.artifacts.items.raw(rows).tolist(),
-                              scores=[float(s) for s in scores], timings={},
-                              unknown_ids=r.unknown, cold_start=r.cold,
-                              titles=None if titles is None else [str(x) for x in titles[rows]])
+def _run(s: Stages, reqs: list[Request], t0: float) -> list[Recommendation]:
+    marks = [time.perf_counter()]
+    hist_BxL = s.retriever.histories(reqs)
+    q_BxD = s.retriever.request_vectors(reqs, hist_BxL)
+    fetch = s.retriever.depth(reqs)
+    cand_BxM = s.retriever.retrieve(reqs, q_BxD, hist_BxL, fetch)
+    marks.append(time.perf_counter())
+    cand_BxN = s.filter.first_allowed(reqs, cand_BxM)
+    cand_BxN = s.retriever.refetch(reqs, q_BxD, hist_BxL, cand_BxN, fetch, s.filter.first_allowed)
+    marks.append(time.perf_counter())
+    score_BxN = s.scorer.score(reqs, q_BxD, hist_BxL, cand_BxN)
+    marks.append(time.perf_counter())
+    picked = ordering.order_batch(reqs, cand_BxN, score_BxN, item_vectors=s.artifacts.item_vectors,
+                                  item_genres=s.artifacts.item_genres,
+                                  similarity=s.cfg.mmr_similarity)
+    out = [_result(s, r, cand_BxN[i][p], score_BxN[i][p])
+           for i, (r, p) in enumerate(zip(reqs, picked))]
+    marks.append(time.perf_counter())
+    timings = {name: (marks[i + 1] - marks[i]) * 1e3 for i, name in enumerate(STAGES)}
+    timings["total"] = (marks[-1] - t0) * 1e3
+    for rec in out:
+        rec.timings = dict(timings)
+    return out
 
 
-__all__ = ["Recommendation", "Recommender", "RequestError"]
+def _result(s: Stages, r: Request, rows, scores) -> Recommendation:
+    titles = s.artifacts.item_titles
+    return Recommendation(items=s.artifacts.items.raw(rows).tolist(),
+                          scores=[float(x) for x in scores], timings={},
+                          unknown_ids=r.unknown, cold_start=r.cold,
+                          titles=None if titles is None else [str(x) for x in titles[rows]],
+                          version=s.version)
+
+
+def _root_or_none(version: pathlib.Path | None) -> pathlib.Path | None:
+    """The artifacts root a loaded version belongs to (None: a bundle outside any root)."""
+    if version is None:
+        return None
+    try:
+        return bundle.root_of(version)
+    except ArtifactError:
+        return None
+
+
+__all__ = ["Recommendation", "Recommender", "RequestError", "Stages"]
