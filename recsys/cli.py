@@ -60,7 +60,8 @@ prints a summary.""",
     "plan": ("""\
 Print the memory plan of a config: bytes per device of the embedding tables, optimizer state,
 activations and logits, and whether they fit. Plans for the config's mesh, even one larger
-than this machine. Writes nothing.""",
+than this machine, and for the config's data, or for a catalogue size given by --num-items and
+--num-users without reading any data. Writes nothing.""",
              ("recsys plan --config configs/quickstart.py --set mesh.data=4 --set mesh.model=2 "
               "--device-memory 16")),
     "index": ("""\
@@ -122,6 +123,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="override a config field, e.g. --set mesh.data=4 (repeatable)")
     plan.add_argument("--device-memory", type=float, metavar="GIB",
                       help="memory of one device (default: what the device reports)")
+    plan.add_argument("--num-items", type=int, metavar="N",
+                      help="plan for N items (with --num-users) instead of the config's data")
+    plan.add_argument("--num-users", type=int, metavar="U", help="users, with --num-items")
     idx = sub.add_parser("index", help="rebuild the index of an artifacts directory")
     idx.add_argument("--artifacts", required=True, help="artifacts root (WORKDIR/artifacts)")
     idx.add_argument("--set", action="append", default=[], metavar="index.KEY=VALUE",
@@ -238,6 +242,17 @@ def cmd_plan(args) -> int:
         args.set = [*args.set, f"mesh.device_memory_gib={args.device_memory}"]
     cfg = _config(args)
     mesh = plan.planning_mesh(cfg.mesh)  # may be larger than this machine
+    if (args.num_items is None) != (args.num_users is None):
+        print("recsys plan: error: give both --num-items and --num-users, or neither",
+              file=sys.stderr)
+        return 2
+    if args.num_items is not None:
+        if args.num_items < 1 or args.num_users < 1:
+            print("recsys plan: error: --num-items and --num-users must be positive",
+                  file=sys.stderr)
+            return 2
+        print(plan.format_plan(plan.for_sizes(cfg, args.num_users, args.num_items, mesh)))
+        return 0
     print(plan.format_plan(plan.for_dataset(cfg, pipeline.load_data(cfg.data), mesh)))
     return 0
 

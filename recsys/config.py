@@ -415,7 +415,7 @@ def _coerce(key: str, text: str, hint: Any) -> Any:
 
 def validate(cfg: Config) -> None:
     """Checks that need more than one field of a section (each section checks its own)."""
-    if cfg.data.source in ("movielens", "tfds") and not cfg.data.path:
+    if cfg.data.source in ("movielens", "tfds", "events") and not cfg.data.path:
         raise ConfigError(f"data.path is required for data.source={cfg.data.source}; "
                           "pass --set data.path=DIR")
 

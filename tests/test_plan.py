@@ -79,3 +79,14 @@ def test_recsys_plan_command(tmp_path):
                           "--set", "mesh.data=3"], capture_output=True, text=True, env=env,
                          check=False)
     assert bad.returncode == 2 and "train.batch_size=64" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_plan_for_a_catalogue_size_reads_no_data(capsys):
+    from recsys import cli
+    args = ["plan", "--config", str(TINY), "--set", "mesh.data=16", "--set", "mesh.model=8",
+            "--set", "train.batch_size=1024",
+            "--device-memory", "16", "--num-items", "100000000", "--num-users", "2000"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "100000128 x 16, rows / 128" in out and "128 devices" in out  # + row 0, padded
+    assert cli.main(args[:-2]) == 2  # --num-items without --num-users
