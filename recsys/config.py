@@ -205,7 +205,7 @@ class TrainConfig(_Section):
     checkpoint_every: int = 0  # steps between checkpoints (0 = only at the end)
     keep_checkpoints: int = 2  # checkpoints kept on disk
     seed: int = 0  # parameter init and batch order
-    log_every: int = 50  # steps between progress-bar loss updates
+    log_every: int = 50  # steps between loss updates (progress, metrics.jsonl, TensorBoard)
 
     def _check(self) -> None:
         self._require(self.batch_size > 0, "batch_size", "must be positive")

@@ -39,6 +39,7 @@ from recsys import config as config_lib
 from recsys import index as index_lib
 from recsys.data.dataset import Dataset
 from recsys.models.ranker_inputs import input_spec as ranker_input_spec
+from recsys.progress import Progress
 from recsys.sharding import to_host
 
 
@@ -94,35 +95,54 @@ def export_artifacts(out_dir: pathlib.Path, *, cfg: config_lib.Config, ds: Datas
                      manifest: dict | None = None) -> tuple[pathlib.Path, object]:
     """Publishes the towers, ranker, features, histories and a fresh index as a new version of
     the artifacts root `out_dir`; returns (the version directory, its searcher)."""
-    tables = ds.features
-    q_spec = features.query_input_spec(ds.history_len, tables.user_features.shape[1],
-                                       cfg.model.time_features)
-    q_bytes, q_params = export_module(two_tower, "embed_query", q_spec)
-    files = {artifacts.QUERY_TOWER: q_bytes, artifacts.QUERY_PARAMS: q_params,
-             artifacts.ITEM_IDS: ds.items.ids, artifacts.USER_IDS: ds.users.ids,
-             artifacts.ITEM_VECTORS: item_vectors.astype(np.float32),
-             artifacts.ITEM_FEATURES: _item_features(ds, ranker_inputs),
-             artifacts.USERS: _user_histories(ds)}
-    if ranker is not None:
-        r_spec = ranker_input_spec(item_vectors.shape[1], tables.item_genres.shape[1],
-                                   tables.user_features.shape[1], ds.history_len)
-        r_bytes, r_params = export_module(ranker, "__call__", r_spec)
-        files.update({artifacts.RANKER: r_bytes, artifacts.RANKER_PARAMS: r_params})
-    searcher = index_lib.build(item_vectors, cfg.index,
-                               valid_mask=features.valid_rows(len(item_vectors)))
-    info = {"config": config_lib.to_dict(cfg), "dataset": ds.name, "num_items": ds.num_items,
-            "num_users": ds.num_users, "embed_dim": int(item_vectors.shape[1]),
-            "history_len": ds.history_len, "genre_names": list(ds.genre_names),
-            "has_ranker": ranker is not None,
-            "user_feature_cardinalities": list(tables.user_cardinalities),
-            "index": {"kind": cfg.index.kind, **_index_params(searcher)}, **(manifest or {})}
+    with Progress("export", 4 if ranker is not None else 3, unit="parts") as progress:
+        progress.set_postfix(part="query tower")
+        tables = ds.features
+        q_spec = features.query_input_spec(ds.history_len, tables.user_features.shape[1],
+                                           cfg.model.time_features)
+        q_bytes, q_params = export_module(two_tower, "embed_query", q_spec)
+        files = {artifacts.QUERY_TOWER: q_bytes, artifacts.QUERY_PARAMS: q_params,
+                 artifacts.ITEM_IDS: ds.items.ids, artifacts.USER_IDS: ds.users.ids,
+                 artifacts.ITEM_VECTORS: item_vectors.astype(np.float32),
+                 artifacts.ITEM_FEATURES: _item_features(ds, ranker_inputs),
+                 artifacts.USERS: _user_histories(ds)}
+        progress.update()
+        if ranker is not None:
+            progress.set_postfix(part="ranker")
+            r_spec = ranker_input_spec(item_vectors.shape[1], tables.item_genres.shape[1],
+                                       tables.user_features.shape[1], ds.history_len)
+            r_bytes, r_params = export_module(ranker, "__call__", r_spec)
+            files.update({artifacts.RANKER: r_bytes, artifacts.RANKER_PARAMS: r_params})
+            progress.update()
+        progress.set_postfix(part="index")
+        searcher = _build_index(item_vectors, cfg)
+        progress.update()
+        info = {"config": config_lib.to_dict(cfg), "dataset": ds.name, "num_items": ds.num_items,
+                "num_users": ds.num_users, "embed_dim": int(item_vectors.shape[1]),
+                "history_len": ds.history_len, "genre_names": list(ds.genre_names),
+                "has_ranker": ranker is not None,
+                "user_feature_cardinalities": list(tables.user_cardinalities),
+                "index": {"kind": cfg.index.kind, **_index_params(searcher)}, **(manifest or {})}
 
-    def write(staging: pathlib.Path) -> dict:
-        _write_files(staging, files)
-        searcher.save(staging / artifacts.INDEX_DIR)
-        return info
+        def write(staging: pathlib.Path) -> dict:
+            _write_files(staging, files)
+            searcher.save(staging / artifacts.INDEX_DIR)
+            return info
 
-    return artifacts.publish(out_dir, write, keep_versions=cfg.export.keep_versions), searcher
+        progress.set_postfix(part="files")
+        version = artifacts.publish(out_dir, write, keep_versions=cfg.export.keep_versions)
+        progress.update()
+    return version, searcher
+
+
+def _build_index(item_vectors: np.ndarray, cfg: config_lib.Config):
+    """The searcher cfg.index asks for over item_vectors [V, D] (row 0, padding, left out)."""
+    with Progress("index build", 1, unit="indexes") as progress:
+        progress.set_postfix(kind=cfg.index.kind, items=len(item_vectors) - 1)
+        searcher = index_lib.build(item_vectors, cfg.index,
+                                   valid_mask=features.valid_rows(len(item_vectors)))
+        progress.update()
+    return searcher
 
 
 def _index_params(searcher) -> dict:
@@ -168,8 +188,7 @@ def rewrite_index(version: pathlib.Path, item_vectors: np.ndarray, cfg: config_l
     version = pathlib.Path(version)
     root = artifacts.root_of(version)
     old = artifacts.read_manifest(version)
-    searcher = index_lib.build(item_vectors, cfg.index,
-                               valid_mask=features.valid_rows(len(item_vectors)))
+    searcher = _build_index(item_vectors, cfg)
     fields = {**old, "config": {**old["config"], "index": config_lib.to_dict(cfg)["index"]},
               "index": {"kind": cfg.index.kind, **_index_params(searcher)}}
     kept = [name for name in old["checksums"]

@@ -2,7 +2,9 @@
 
 `recsys pipeline` runs the three stages in one process; `recsys train`, `export` and `eval` run
 one each. Export and eval only ever restore the models a finished `recsys train` left in the
-workdir's checkpoints (never train); every stage's metrics go through `write_metrics`.
+workdir's checkpoints (never train); every stage's metrics go through `write_metrics`. While
+training, scalars go to WORKDIR/metrics.jsonl and WORKDIR/tb (recsys.metrics_log); every long
+stage reports its progress (recsys.progress).
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from recsys.data.sources import load_raw
 from recsys.eval import metrics as metrics_lib
 from recsys.eval import protocol
 from recsys.export import export_artifacts
+from recsys.metrics_log import MetricsLog
 from recsys.models.ranker_inputs import RankerTables
+from recsys.progress import Progress
 from recsys.serve import Recommender
 from recsys.train.loop import Trained, load_retrieval, train_retrieval
 from recsys.train.ranker import load_ranker, train_ranker
@@ -88,12 +92,13 @@ def train_models(cfg: Config, workdir: pathlib.Path, lap: _Laps | None = None) -
     workdir = pathlib.Path(workdir)
     ds, mesh = _setup(cfg, workdir, training=True)
     lap("load_data")
-    retrieval = train_retrieval(cfg, ds, workdir, mesh)
-    lap("train_retrieval")
-    ranker, tables = None, None
-    if cfg.ranker.steps > 0:
-        ranker, tables = train_ranker(cfg, ds, retrieval, workdir, mesh)
-        lap("train_ranker")
+    with MetricsLog(workdir, started=lap.started) as log:  # closed on errors too
+        retrieval = train_retrieval(cfg, ds, workdir, mesh, log=log)
+        lap("train_retrieval")
+        ranker, tables = None, None
+        if cfg.ranker.steps > 0:
+            ranker, tables = train_ranker(cfg, ds, retrieval, workdir, mesh, log=log)
+            lap("train_ranker")
     return Models(ds, mesh, retrieval, ranker, tables)
 
 
@@ -133,15 +138,21 @@ def evaluate_models(cfg: Config, models: Models, version: pathlib.Path | None,
     index and pipeline/* (and ordering/*) of the Recommender serving it (process 0)."""
     lap = lap or _Laps()
     ds = models.ds
-    ev = protocol.evaluate_retrieval(models.retrieval.model(), ds, "test", cfg.eval)
+    with Progress("evaluate retrieval", 1, unit="evaluations") as progress:
+        ev = protocol.evaluate_retrieval(models.retrieval.model(), ds, "test", cfg.eval)
+        progress.update()
     r = cfg.serve.num_candidates
     metrics = {**{f"retrieval/{k}": v for k, v in ev.metrics.items()},
                f"retrieval/recall@{r}": float(np.mean(ev.ranks < r))}
     lap("evaluate_retrieval")
     if version is not None:
-        rec = Recommender.load(version)
-        metrics["index/recall@10"] = index_recall(rec.artifacts.searcher, ev.item_vectors,
-                                                  ev.query_vectors)
+        with Progress("load recommender", 1, unit="loads") as progress:  # compiles, warms up
+            rec = Recommender.load(version)
+            progress.update()
+        with Progress("index recall", 1, unit="evaluations") as progress:  # ANN against exact
+            metrics["index/recall@10"] = index_recall(rec.artifacts.searcher, ev.item_vectors,
+                                                      ev.query_vectors)
+            progress.update()
         metrics.update(evaluate_pipeline(rec, ds, ev.positions))
         lap("evaluate_pipeline")
     return metrics
@@ -191,8 +202,10 @@ def evaluate_pipeline(rec: Recommender, ds: dataset_lib.Dataset, positions: np.n
     times = ds.seq_times[positions]
     targets = ds.seq_items[positions]
     out = {}
-    for policy in (None, "mmr", "explore"):
-        ranked, ms = _served_lists(rec, ds, users, times, policy)
+    policies = (None, "mmr", "explore")
+    with Progress("evaluate pipeline", len(policies) * len(users), unit="requests") as progress:
+        served = {p: _served_lists(rec, ds, users, times, p, progress) for p in policies}
+    for policy, (ranked, ms) in served.items():
         prefix = "pipeline/" if policy is None else f"ordering/{policy}/"
         out[f"{prefix}hr@10"] = metrics_lib.hit_rate_at_k(ranked, targets, 10)
         out[f"{prefix}ndcg@10"] = metrics_lib.ndcg_at_k(ranked, targets, 10)
@@ -205,8 +218,10 @@ def evaluate_pipeline(rec: Recommender, ds: dataset_lib.Dataset, positions: np.n
     return out
 
 
-def _served_lists(rec: Recommender, ds: dataset_lib.Dataset, users, times, policy):
-    """[Q, 10] item rows served (-1 padded) and the mean batched milliseconds per request."""
+def _served_lists(rec: Recommender, ds: dataset_lib.Dataset, users, times, policy,
+                  progress: Progress):
+    """[Q, 10] item rows served (-1 padded) and the mean batched milliseconds per request; each
+    request counts one on `progress`."""
     extra = {} if policy is None else {"ordering": policy}
     ranked = np.full((len(users), 10), -1, np.int64)
     totals = []
@@ -219,6 +234,7 @@ def _served_lists(rec: Recommender, ds: dataset_lib.Dataset, users, times, polic
                 ranked[lo + i, :len(o.items)] = ds.items.lookup(
                     np.asarray(o.items, dtype=ds.items.ids.dtype))
         totals.append(out[0].timings["total"] / len(out) if out else 0.0)
+        progress.update(len(out))
     return ranked, float(np.mean(totals))
 
 
@@ -242,7 +258,7 @@ class _Laps:
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
-        self._t = time.time()
+        self.started = self._t = time.time()
 
     def __call__(self, stage: str) -> None:
         now = time.time()

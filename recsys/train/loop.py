@@ -8,7 +8,6 @@ import pathlib
 import time
 
 import jax
-from tqdm import tqdm
 
 from recsys import config as config_lib
 from recsys import sharding
@@ -16,7 +15,9 @@ from recsys.config import Config, EvalConfig
 from recsys.data.batches import BatchOrder, example_inputs
 from recsys.data.dataset import Dataset
 from recsys.eval import protocol
+from recsys.metrics_log import MetricsLog
 from recsys.models.two_tower import TwoTower, Vocabularies
+from recsys.progress import Progress
 from recsys.train import checkpoint, mining, negatives, steps
 from recsys.train import state as state_lib
 
@@ -75,9 +76,13 @@ def _checkpoint_meta(cfg: Config, vocab: Vocabularies) -> dict:
                                **{f"model.{k}": getattr(cfg.model, k) for k in SHAPE_FIELDS}})
 
 
-def train_retrieval(cfg: Config, ds: Dataset, workdir: pathlib.Path,
-                    mesh: jax.sharding.Mesh) -> Trained:
-    """Trains the two-tower model for cfg.train.num_steps, resuming from workdir's checkpoints."""
+def train_retrieval(cfg: Config, ds: Dataset, workdir: pathlib.Path, mesh: jax.sharding.Mesh, *,
+                    log: MetricsLog | None = None, stage: str = "retrieval") -> Trained:
+    """Trains the two-tower model for cfg.train.num_steps, resuming from workdir's checkpoints.
+
+    Scalars go to `log` under `stage` (default: a MetricsLog of workdir, closed at the end);
+    progress is reported as `stage`.
+    """
     tc = cfg.train
     # Data: training targets and a batch order that is a pure function of (seed, step).
     positions = ds.train_positions(cfg.data.trained_on, cfg.data.max_examples_per_user)
@@ -92,7 +97,10 @@ def train_retrieval(cfg: Config, ds: Dataset, workdir: pathlib.Path,
 
     # Resume order: (1) this workdir's latest verified checkpoint, (2) fresh init.
     mngr = checkpoint.make_manager(workdir / CHECKPOINTS, tc)
-    with contextlib.closing(mngr):  # closed on errors too: no orbax threads left behind
+    with contextlib.ExitStack() as closing:  # closed on errors too: no orbax threads left behind
+        closing.enter_context(contextlib.closing(mngr))
+        if log is None:
+            log = closing.enter_context(MetricsLog(workdir))
         expected = _checkpoint_meta(cfg, vocab)
         restored = checkpoint.restore_or_none(mngr, state_lib.abstract_state(state, shardings), expected)
         start, loss, meta = 0, float("nan"), {}
@@ -103,7 +111,6 @@ def train_retrieval(cfg: Config, ds: Dataset, workdir: pathlib.Path,
         stopped = bool(meta.get("early_stopped", False))
 
         train_step = steps.make_train_step(graphdef, steps.retrieval_loss, tc, shardings, mesh)
-        pidx = jax.process_index()
         rows = sharding.process_rows(mesh, tc.batch_size)  # this process reads only its rows
 
         # Negatives (recsys/train/negatives.py): in-batch ones with their log q, uniform ones
@@ -124,8 +131,9 @@ def train_retrieval(cfg: Config, ds: Dataset, workdir: pathlib.Path,
         # Loop: step, log, evaluate on validation (early stopping), checkpoint.
         best = {"hr@10": -1.0, "step": start, "state": None, "bad_evals": 0}
         timed_examples, timed_seconds, step = 0, 0.0, start
-        bar = tqdm(total=tc.num_steps, initial=start, desc="retrieval", dynamic_ncols=True,
-                   disable=True if pidx != 0 else None)
+        if start < tc.num_steps and not stopped:
+            log.begin(stage, start + 1)  # what was logged up to the checkpoint's step stands
+        progress = closing.enter_context(Progress(stage, tc.num_steps, initial=start))
         with jax.set_mesh(mesh):
             while step < tc.num_steps and not stopped:
                 if miner is not None and miner.due(step):
@@ -134,24 +142,31 @@ def train_retrieval(cfg: Config, ds: Dataset, workdir: pathlib.Path,
                 t0 = time.perf_counter()
                 state, loss_arr = train_step(state, batch)
                 step += 1
-                bar.update(1)
+                progress.update(1)
                 if step > start + 1:  # the first step compiles
                     loss_arr.block_until_ready()
                     timed_seconds += time.perf_counter() - t0
                     timed_examples += tc.batch_size
                 if step % tc.log_every == 0 or step == tc.num_steps:
                     loss = float(loss_arr)
-                    bar.set_postfix(loss=f"{loss:.4f}",
-                                    ex_s=f"{timed_examples / max(timed_seconds, 1e-9):.0f}")
-                if (tc.eval_every and (step % tc.eval_every == 0 or step == tc.num_steps)
-                        and _evaluate_and_keep_best(cfg.eval, tc.early_stopping_patience, ds,
-                                                    graphdef, state, step, best)):
-                    bar.write(f"early stopping at step {step}: best validation hr@10 "
-                              f"{best['hr@10']:.4f} at step {best['step']}")
-                    stopped = True
-                    break
+                    ex_s = timed_examples / max(timed_seconds, 1e-9)
+                    progress.set_postfix(loss=f"{loss:.4f}", ex_s=f"{ex_s:.0f}")
+                    log.write(stage, step, {"train/loss": loss, "train/examples_per_sec": ex_s,
+                                            "train/learning_rate": tc.learning_rate})
+                if tc.eval_every and (step % tc.eval_every == 0 or step == tc.num_steps):
+                    stop, val = _evaluate_and_keep_best(cfg.eval, tc.early_stopping_patience, ds,
+                                                        graphdef, state, step, best)
+                    log.write(stage, step, {f"val/{k}": v for k, v in val.items()})
+                    log.flush()
+                    progress.set_postfix(val_hr10=f"{val['hr@10']:.4f}")
+                    if stop:
+                        progress.write(f"early stopping at step {step}: best validation hr@10 "
+                                       f"{best['hr@10']:.4f} at step {best['step']}")
+                        stopped = True
+                        break
                 if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < tc.num_steps:
                     checkpoint.save(mngr, step, state, {**expected, "step": step, "loss": float(loss_arr)})
+                    log.flush()
             if step > start:
                 loss = float(loss_arr)
                 validated = {}
@@ -161,7 +176,7 @@ def train_retrieval(cfg: Config, ds: Dataset, workdir: pathlib.Path,
                 checkpoint.save(mngr, step, state, {**expected, "step": step, "loss": loss,
                                                     "early_stopped": stopped, **validated})
             checkpoint.wait(mngr)
-    bar.close()
+            log.flush()
     metrics = {"train/steps": step, "train/final_loss": loss,
                "train/examples_per_sec": timed_examples / timed_seconds if timed_seconds else 0.0,
                "eval/trained_on": cfg.data.trained_on}
@@ -175,14 +190,14 @@ def train_retrieval(cfg: Config, ds: Dataset, workdir: pathlib.Path,
 
 
 def _evaluate_and_keep_best(ec: EvalConfig, patience: int, ds: Dataset, graphdef, state,
-                            step: int, best: dict):
-    """Validation HR@10; keeps a copy of the best state. Returns True when `patience` evaluations
-    in a row brought no improvement (0 = never)."""
+                            step: int, best: dict) -> tuple[bool, dict]:
+    """Validation metrics; keeps a copy of the best state (by HR@10). Returns (stop, metrics):
+    stop is True when `patience` evaluations in a row brought no improvement (0 = never)."""
     result = protocol.evaluate_retrieval(steps.model_of(graphdef, state), ds, "val", ec)
     hr = result.metrics["hr@10"]
     if hr > best["hr@10"]:
         best.update({"hr@10": hr, "step": step, "bad_evals": 0,
                      "state": jax.tree.map(lambda x: x.copy(), state)})
-        return False
+        return False, result.metrics
     best["bad_evals"] += 1
-    return patience > 0 and best["bad_evals"] >= patience
+    return patience > 0 and best["bad_evals"] >= patience, result.metrics

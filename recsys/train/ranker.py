@@ -12,15 +12,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from tqdm import tqdm
 
 from recsys import sharding
 from recsys.config import Config, RankerConfig
 from recsys.data.dataset import Dataset
 from recsys.eval import metrics, protocol
+from recsys.metrics_log import MetricsLog
 from recsys.models import layers, losses
 from recsys.models.ranker import Ranker
 from recsys.models.ranker_inputs import RankerTables, numeric_stats
+from recsys.progress import Progress
 from recsys.train import checkpoint, steps
 from recsys.train import state as state_lib
 from recsys.train.loop import CHECKPOINTS, Trained, train_retrieval, vocabularies
@@ -41,6 +42,7 @@ SHAPE_FIELDS = ("hidden_dims", "embed_dim", "cross_layers", "cross_rank", "struc
 EVAL_BLOCK = 64  # validation events scored per jitted call (one compiled shape)
 STATS_EVENTS = 1024  # training events whose candidates give the input standardisation
 CV_EVAL_EVENTS = 4096  # held-out events scored per K-fold evaluation (a seeded subset beyond)
+SHADOW = "shadow_retrieval"  # stage name (progress, metrics.jsonl) of a feature retrieval model
 
 
 def ranker_loss(model, batch: dict, rc: RankerConfig):
@@ -70,27 +72,36 @@ def build_model(cfg: Config, ds: Dataset, rngs: nnx.Rngs, stats=None) -> Ranker:
 
 
 def train_ranker(cfg: Config, ds: Dataset, retrieval: Trained, workdir: pathlib.Path,
-                 mesh: jax.sharding.Mesh) -> tuple[Trained, RankerTables]:
+                 mesh: jax.sharding.Mesh, *, log: MetricsLog | None = None,
+                 ) -> tuple[Trained, RankerTables]:
     """Trains the ranker; returns it and the tables serving reads (from the served retrieval).
 
     Where events come from is ranker.events (see `ranker_events`); the ranker reads the
     features of the retrieval model that never trained on them, as serving will at test time.
+    Scalars (the ranker's and a shadow retrieval model's) go to `log` (default: a MetricsLog of
+    workdir, closed at the end).
     """
     workdir = pathlib.Path(workdir)
-    # Data: the feature model, its tables, and its events with exact top-R candidates each.
-    timeline = event_log_timeline(ds)
-    served_items = protocol.item_vectors(retrieval.model(), ds.features)
-    feature_model, positions = ranker_events(cfg, ds, retrieval, workdir, mesh)
-    items_VxD = (served_items if feature_model is retrieval
-                 else protocol.item_vectors(feature_model.model(), ds.features))
-    tables = ranker_tables(ds, cfg.data.trained_on, items_VxD, timeline)
-    events = make_events(feature_model.model(), ds, positions, items_VxD,
-                         cfg.serve.num_candidates)
-    # The ranker learns the features of these two models: when a resumed run changed either, the
-    # ranker saved for the old ones is stale and is trained again.
-    made_for = {"retrieval/steps": retrieval.metrics["train/steps"],
-                "feature_model/steps": feature_model.metrics["train/steps"]}
-    trained = fit_ranker(cfg, ds, tables, events, workdir, mesh, made_for)
+    with contextlib.ExitStack() as closing:
+        if log is None:
+            log = closing.enter_context(MetricsLog(workdir))
+        # Data: the feature model, its tables, and its events with exact top-R candidates each.
+        timeline = event_log_timeline(ds)
+        served_items = protocol.item_vectors(retrieval.model(), ds.features)
+        feature_model, positions = ranker_events(cfg, ds, retrieval, workdir, mesh, log)
+        with Progress("ranker events", 1, unit="event sets") as progress:
+            items_VxD = (served_items if feature_model is retrieval
+                         else protocol.item_vectors(feature_model.model(), ds.features))
+            tables = ranker_tables(ds, cfg.data.trained_on, items_VxD, timeline)
+            events = make_events(feature_model.model(), ds, positions, items_VxD,
+                                 cfg.serve.num_candidates)
+            progress.update()
+            progress.set_postfix(events=len(positions))
+        # The ranker learns the features of these two models: when a resumed run changed either,
+        # the ranker saved for the old ones is stale and is trained again.
+        made_for = {"retrieval/steps": retrieval.metrics["train/steps"],
+                    "feature_model/steps": feature_model.metrics["train/steps"]}
+        trained = fit_ranker(cfg, ds, tables, events, workdir, mesh, made_for, log)
     return trained, ranker_tables(ds, cfg.data.trained_on, served_items, timeline)
 
 
@@ -133,7 +144,8 @@ def feature_model_dir(cfg: Config, workdir: pathlib.Path) -> pathlib.Path | None
     return None
 
 
-def ranker_events(cfg: Config, ds: Dataset, retrieval: Trained, workdir: pathlib.Path, mesh):
+def ranker_events(cfg: Config, ds: Dataset, retrieval: Trained, workdir: pathlib.Path, mesh,
+                  log: MetricsLog | None = None):
     """(feature retrieval model, event positions) the ranker learns from.
 
     validation: every user's validation event, scored by a retrieval model trained without it
@@ -149,11 +161,11 @@ def ranker_events(cfg: Config, ds: Dataset, retrieval: Trained, workdir: pathlib
         model = retrieval
         if feature_dir is not None:
             fresh = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, trained_on="train"))
-            model = train_retrieval(fresh, ds, feature_dir, mesh)
+            model = train_retrieval(fresh, ds, feature_dir, mesh, log=log, stage=SHADOW)
         return model, ds.eval_positions("val")
     if rc.events == "holdout":
         shadow_ds, train_pos, val_pos = holdout_dataset(ds, rc.holdout_events)
-        shadow = train_retrieval(cfg, shadow_ds, feature_dir, mesh)
+        shadow = train_retrieval(cfg, shadow_ds, feature_dir, mesh, log=log, stage=SHADOW)
         return shadow, np.union1d(train_pos, val_pos)
     positions = ds.train_positions(cfg.data.trained_on)
     wanted = min(len(positions), rc.steps * rc.batch_size)
@@ -161,7 +173,8 @@ def ranker_events(cfg: Config, ds: Dataset, retrieval: Trained, workdir: pathlib
 
 
 def fit_ranker(cfg: Config, ds: Dataset, tables: RankerTables, events: Events,
-               workdir: pathlib.Path, mesh, made_for: dict) -> Trained:
+               workdir: pathlib.Path, mesh, made_for: dict, log: MetricsLog | None = None,
+               ) -> Trained:
     """Trains (or restores from workdir) a ranker on listwise batches of `events`.
 
     The number of steps is chosen by K-fold cross-validation over users (ranker.folds):
@@ -169,7 +182,8 @@ def fit_ranker(cfg: Config, ds: Dataset, tables: RankerTables, events: Events,
     NDCG@10 of their held-out folds, every ranker.eval_every steps, picks the step count (with
     patience); then one model trains on every event for that many steps. `made_for`: the step
     counts of the retrieval models the inputs came from, saved with the ranker; a checkpoint
-    made for other ones is stale and the ranker is trained again.
+    made for other ones is stale and the ranker is trained again. Validation metrics and the
+    final loss go to `log` (stage "ranker"; None: nowhere).
     """
     tc, rc = cfg.train, cfg.ranker
     sample = events.take(np.arange(min(len(events.positions), STATS_EVENTS)))
@@ -188,16 +202,25 @@ def fit_ranker(cfg: Config, ds: Dataset, tables: RankerTables, events: Events,
             loss_fn = functools.partial(_ranker_loss_of, rc=rc)
             train_step = steps.make_train_step(graphdef, loss_fn, tc, shardings, mesh)
             fold_E = fold_of(events, rc.folds, tc.seed)
+            if log is not None:
+                log.begin("ranker", 0)
             out = _cross_validate(rc, tc.seed, ds.num_items, graphdef, state, train_step, tables,
-                                  events, fold_E, mesh)
+                                  events, fold_E, mesh, log)
             retrieved = retrieved_only(events)
-            state, loss = _train(rc, tc.seed, ds.num_items, train_step, _copy(state), tables,
-                                 retrieved, out["ranker/steps"], mesh, fold=-1)
+            with Progress("ranker fit", out["ranker/steps"]) as progress:
+                state, loss = _train(rc, tc.seed, ds.num_items, train_step, _copy(state), tables,
+                                     retrieved, out["ranker/steps"], mesh, fold=-1,
+                                     progress=progress)
+                progress.set_postfix(loss=f"{loss:.4f}")
             out.update({"ranker/final_loss": loss, "ranker/train_events": len(retrieved.positions)})
+            if log is not None:
+                log.write("ranker", out["ranker/steps"], {"train/final_loss": loss})
             with jax.set_mesh(mesh):
                 checkpoint.save(mngr, out["ranker/steps"], state,
                                 {**expected, **out, **made_for})
         checkpoint.wait(mngr)
+        if log is not None:
+            log.flush()
     return Trained(graphdef, state, out)
 
 
@@ -221,8 +244,10 @@ def _copy(state):
 
 
 def _train(rc: RankerConfig, seed: int, num_items: int, train_step, state, tables,
-           events: Events, num_steps: int, mesh, fold: int, first_step: int = 0):
-    """Steps first_step .. num_steps on listwise batches of `events` (seeded by fold and step)."""
+           events: Events, num_steps: int, mesh, fold: int, first_step: int = 0,
+           progress: Progress | None = None):
+    """Steps first_step .. num_steps on listwise batches of `events` (seeded by fold and step);
+    each step counts one on `progress`."""
     rows = sharding.process_rows(mesh, rc.batch_size)  # this process's rows of a batch
     loss = float("nan")
     with jax.set_mesh(mesh):
@@ -233,14 +258,18 @@ def _train(rc: RankerConfig, seed: int, num_items: int, train_step, state, table
             batch = batch_inputs(tables, ev, cand)
             state, loss_arr = train_step(state, sharding.shard_batch(
                 {k: v[rows] for k, v in batch.items()}, mesh))
+            if progress is not None:
+                progress.update(1)
         if num_steps > first_step:
             loss = float(loss_arr)
     return state, loss
 
 
 def _cross_validate(rc: RankerConfig, seed: int, num_items: int, graphdef, state0, train_step,
-                    tables, events: Events, fold_E: np.ndarray, mesh) -> dict:
-    """Trains one model per fold in lockstep; returns the chosen steps and validation metrics."""
+                    tables, events: Events, fold_E: np.ndarray, mesh,
+                    log: MetricsLog | None = None) -> dict:
+    """Trains one model per fold in lockstep; returns the chosen steps and validation metrics
+    (each evaluation's also to `log`, stage "ranker")."""
     k = rc.folds
     every = rc.eval_every or rc.steps
     pools = [retrieved_only(events.take(np.flatnonzero(fold_E != f))) for f in range(k)]
@@ -248,29 +277,37 @@ def _cross_validate(rc: RankerConfig, seed: int, num_items: int, graphdef, state
     held = [events.take(np.sort(rng.permutation(np.flatnonzero(fold_E == f))[:CV_EVAL_EVENTS // k]))
             for f in range(k)]
     states = [_copy(state0) for _ in range(k)]
-    # Step 0 is the retrieval order itself (the correction starts at zero).
-    curve = {0: _mean_val(graphdef, states, tables, held)}
-    best, bad, step = 0, 0, 0
-    bar = tqdm(total=rc.steps, desc=f"ranker ({k}-fold)", dynamic_ncols=True,
-               disable=True if jax.process_index() != 0 else None)
-    while step < rc.steps:
-        nxt = min(step + every, rc.steps)
-        states = [_train(rc, seed, num_items, train_step, s, tables, pool, nxt, mesh, f, step)[0]
-                  for f, (s, pool) in enumerate(zip(states, pools))]
-        bar.update(nxt - step)
-        step = nxt
-        curve[step] = _mean_val(graphdef, states, tables, held)
-        bar.set_postfix(val_ndcg=f"{curve[step]['ranker/val_ndcg@10']:.4f}")
-        if curve[step]["ranker/val_ndcg@10"] > curve[best]["ranker/val_ndcg@10"]:
-            best, bad = step, 0
-        else:
-            bad += 1
-            if rc.patience and bad >= rc.patience:
-                break
-    bar.close()
+    # Counted in fold-steps: K models each take every step.
+    with Progress(f"ranker cv ({k} folds)", k * rc.steps, unit="fold-steps") as progress:
+        # Step 0 is the retrieval order itself (the correction starts at zero).
+        curve = {0: _mean_val(graphdef, states, tables, held)}
+        _log_val(log, 0, curve[0])
+        best, bad, step = 0, 0, 0
+        while step < rc.steps:
+            nxt = min(step + every, rc.steps)
+            states = [_train(rc, seed, num_items, train_step, s, tables, pool, nxt, mesh, f, step,
+                             progress)[0]
+                      for f, (s, pool) in enumerate(zip(states, pools))]
+            step = nxt
+            curve[step] = _mean_val(graphdef, states, tables, held)
+            _log_val(log, step, curve[step])
+            progress.set_postfix(val_ndcg=f"{curve[step]['ranker/val_ndcg@10']:.4f}")
+            if curve[step]["ranker/val_ndcg@10"] > curve[best]["ranker/val_ndcg@10"]:
+                best, bad = step, 0
+            else:
+                bad += 1
+                if rc.patience and bad >= rc.patience:
+                    break
     return {"ranker/steps": best, "ranker/cv_steps": step, **curve[best],
             "ranker/val_events": len(events.positions), "ranker/folds": k,
             "ranker/val_retrieval_ndcg@10": curve[0]["ranker/val_ndcg@10"]}
+
+
+def _log_val(log: MetricsLog | None, step: int, val: dict) -> None:
+    if log is not None:
+        log.write("ranker", step, {"val/ndcg@10": val["ranker/val_ndcg@10"],
+                                   "val/hr@10": val["ranker/val_hr@10"]})
+        log.flush()
 
 
 def _mean_val(graphdef, states, tables, held: list[Events]) -> dict:
