@@ -26,6 +26,7 @@ Every .npy / .npz holds plain arrays (read with allow_pickle=False); nothing is 
 
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
 import shutil
@@ -38,6 +39,7 @@ from recsys import artifacts, features
 from recsys import config as config_lib
 from recsys import index as index_lib
 from recsys.data.dataset import Dataset
+from recsys.index import tuning
 from recsys.models.ranker_inputs import input_spec as ranker_input_spec
 from recsys.progress import Progress
 from recsys.sharding import to_host
@@ -92,9 +94,14 @@ def _write_files(directory: pathlib.Path, files: dict) -> None:
 
 def export_artifacts(out_dir: pathlib.Path, *, cfg: config_lib.Config, ds: Dataset, two_tower,
                      item_vectors: np.ndarray, ranker=None, ranker_inputs=None,
-                     manifest: dict | None = None) -> tuple[pathlib.Path, object]:
+                     manifest: dict | None = None,
+                     tuning_queries: np.ndarray | None = None) -> tuple[pathlib.Path, object]:
     """Publishes the towers, ranker, features, histories and a fresh index as a new version of
-    the artifacts root `out_dir`; returns (the version directory, its searcher)."""
+    the artifacts root `out_dir`; returns (the version directory, its searcher).
+
+    tuning_queries: [Q, D] real query vectors (the query tower on validation events) the index
+      is tuned on to index.target_recall (see recsys.index.tuning); None leaves it untuned.
+    """
     with Progress("export", 4 if ranker is not None else 3, unit="parts") as progress:
         progress.set_postfix(part="query tower")
         tables = ds.features
@@ -115,14 +122,14 @@ def export_artifacts(out_dir: pathlib.Path, *, cfg: config_lib.Config, ds: Datas
             files.update({artifacts.RANKER: r_bytes, artifacts.RANKER_PARAMS: r_params})
             progress.update()
         progress.set_postfix(part="index")
-        searcher = _build_index(item_vectors, cfg)
+        searcher, index_info = _build_index(item_vectors, cfg, tuning_queries)
         progress.update()
         info = {"config": config_lib.to_dict(cfg), "dataset": ds.name, "num_items": ds.num_items,
                 "num_users": ds.num_users, "embed_dim": int(item_vectors.shape[1]),
                 "history_len": ds.history_len, "genre_names": list(ds.genre_names),
                 "has_ranker": ranker is not None,
                 "user_feature_cardinalities": list(tables.user_cardinalities),
-                "index": {"kind": cfg.index.kind, **_index_params(searcher)}, **(manifest or {})}
+                "index": index_info, **(manifest or {})}
 
         def write(staging: pathlib.Path) -> dict:
             _write_files(staging, files)
@@ -135,14 +142,33 @@ def export_artifacts(out_dir: pathlib.Path, *, cfg: config_lib.Config, ds: Datas
     return version, searcher
 
 
-def _build_index(item_vectors: np.ndarray, cfg: config_lib.Config):
-    """The searcher cfg.index asks for over item_vectors [V, D] (row 0, padding, left out)."""
+def _build_index(item_vectors: np.ndarray, cfg: config_lib.Config,
+                 tuning_queries: np.ndarray | None = None) -> tuple[object, dict]:
+    """The searcher cfg.index asks for over item_vectors [V, D] (row 0, padding, left out),
+    tuned to index.target_recall on `tuning_queries` when given; and its manifest entry."""
+    valid = features.valid_rows(len(item_vectors))
+    ic = cfg.index
     with Progress("index build", 1, unit="indexes") as progress:
-        progress.set_postfix(kind=cfg.index.kind, items=len(item_vectors) - 1)
-        searcher = index_lib.build(item_vectors, cfg.index,
-                                   valid_mask=features.valid_rows(len(item_vectors)))
+        progress.set_postfix(kind=ic.kind, items=len(item_vectors) - 1)
+        searcher = index_lib.build(item_vectors, ic, valid_mask=valid)
         progress.update()
-    return searcher
+    tuned = None
+    if ic.target_recall > 0 and tuning_queries is not None and len(tuning_queries) >= 2:
+        with Progress("index tuning", 1, unit="searches") as progress:
+            searcher, tuned = tuning.tune(searcher, item_vectors, valid, tuning_queries,
+                                          ic.target_recall, ic.recall_k)
+            progress.set_postfix(recall=f"{tuned.recall:.3f}", fallback=tuned.fallback)
+            progress.update()
+        if tuned.fallback:
+            logging.getLogger("recsys").warning(
+                "index: no setting reached recall@%d %.3f on the validation queries; serving "
+                "exact search (index/fallback)", ic.recall_k, ic.target_recall)
+    info = {"kind": ic.kind, **_index_params(searcher)}
+    if isinstance(searcher, index_lib.ShardedSearcher):
+        info["num_shards"] = len(searcher.shards)
+    if tuned is not None:
+        info["tuning"] = tuned.to_dict()
+    return searcher, info
 
 
 def _index_params(searcher) -> dict:
@@ -174,7 +200,8 @@ def _user_histories(ds: Dataset) -> dict:
             "history_items": ds.seq_items[keep], "history_times": ds.seq_times[keep]}
 
 
-def rewrite_index(version: pathlib.Path, item_vectors: np.ndarray, cfg: config_lib.Config):
+def rewrite_index(version: pathlib.Path, item_vectors: np.ndarray, cfg: config_lib.Config,
+                  tuning_queries: np.ndarray | None = None):
     """Publishes a copy of a version with its index rebuilt by cfg.index.
 
     Call it inside `artifacts.reading(...)`, after `artifacts.verify(version)`: the copy is sealed
@@ -188,9 +215,9 @@ def rewrite_index(version: pathlib.Path, item_vectors: np.ndarray, cfg: config_l
     version = pathlib.Path(version)
     root = artifacts.root_of(version)
     old = artifacts.read_manifest(version)
-    searcher = _build_index(item_vectors, cfg)
+    searcher, index_info = _build_index(item_vectors, cfg, tuning_queries)
     fields = {**old, "config": {**old["config"], "index": config_lib.to_dict(cfg)["index"]},
-              "index": {"kind": cfg.index.kind, **_index_params(searcher)}}
+              "index": index_info}
     kept = [name for name in old["checksums"]
             if not name.startswith(artifacts.INDEX_DIR + "/")]
 

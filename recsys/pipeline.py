@@ -122,14 +122,25 @@ def export_models(cfg: Config, workdir: pathlib.Path, models: Models,
     items_VxD = protocol.item_vectors(retrieval, models.ds.features)
     two_tower = local_model(retrieval)  # every process gathers; process 0 writes
     ranker = local_model(models.ranker.model()) if models.ranker else None
+    queries_QxD = tuning_queries(retrieval, models.ds, cfg)
     version = None
     if jax.process_index() == 0:
         version, _ = export_artifacts(
             pathlib.Path(workdir) / artifacts.ROOT, cfg=cfg, ds=models.ds, two_tower=two_tower,
             item_vectors=items_VxD, ranker=ranker, ranker_inputs=models.ranker_tables,
-            manifest={"metrics": models.metrics})
+            manifest={"metrics": models.metrics}, tuning_queries=queries_QxD)
     lap("export")
     return version
+
+
+def tuning_queries(retrieval, ds: dataset_lib.Dataset, cfg: Config) -> np.ndarray:
+    """The query tower's vectors of a seeded sample of validation events (never test ones):
+    the real queries the index is tuned on; [Q, D], Q <= index.tuning_queries."""
+    positions = ds.eval_positions("val")
+    if len(positions) > cfg.index.tuning_queries:
+        keep = np.random.default_rng(0).choice(len(positions), cfg.index.tuning_queries, False)
+        positions = positions[np.sort(keep)]
+    return protocol.query_vectors(retrieval, ds, positions)
 
 
 def evaluate_models(cfg: Config, models: Models, version: pathlib.Path | None,
@@ -153,9 +164,23 @@ def evaluate_models(cfg: Config, models: Models, version: pathlib.Path | None,
             metrics["index/recall@10"] = index_recall(rec.artifacts.searcher, ev.item_vectors,
                                                       ev.query_vectors)
             progress.update()
+        metrics.update(index_metrics(rec.artifacts.manifest.get("index", {})))
         metrics.update(evaluate_pipeline(rec, ds, ev.positions))
         lap("evaluate_pipeline")
     return metrics
+
+
+def index_metrics(index: dict) -> dict:
+    """index/* keys of an artifacts manifest's index entry: how it was tuned, if it was."""
+    tuned = index.get("tuning")
+    if not tuned:
+        return {"index/tuned": False}
+    return {"index/tuned": True, "index/fallback": tuned["fallback"],
+            "index/target_recall": tuned["target_recall"],
+            f"index/tuned_recall@{tuned['k']}": tuned["recall"],
+            "index/tuning_queries": tuned["queries"],
+            "index/qps_per_cpu_s": tuned["qps_per_cpu_s"],
+            "index/exact_qps_per_cpu_s": tuned["exact_qps_per_cpu_s"]}
 
 
 def write_metrics(workdir: pathlib.Path, ds: dataset_lib.Dataset, metrics: dict) -> dict:
@@ -272,15 +297,36 @@ def _log(message: str) -> None:
 
 
 def rebuild_index(artifacts_dir: pathlib.Path, overrides: list[str]) -> dict:
-    """`recsys index`: rebuilds the searcher with new index.* settings; returns its recall@10."""
+    """`recsys index`: publishes a version with the index rebuilt (and tuned) by new index.*
+    settings, without retraining; returns what was measured.
+
+    The real queries come from the bundle itself: its query tower over a seeded sample of known
+    users' stored histories (their state after their last stored event).
+    """
     from recsys.export import rewrite_index
     with artifacts.reading(artifacts_dir) as version:  # a new version is published beside it
         manifest = artifacts.verify(version)
         cfg = config_lib.apply_overrides(config_lib.from_dict(manifest["config"]), overrides)
-        items_VxD = np.load(version / artifacts.ITEM_VECTORS, allow_pickle=False)
-        _, searcher = rewrite_index(version, items_VxD, cfg)
-    rng = np.random.default_rng(0)
-    q_QxD = items_VxD[rng.integers(1, len(items_VxD), min(1000, len(items_VxD) - 1))]
-    q_QxD = q_QxD + 0.1 * rng.standard_normal(q_QxD.shape).astype(np.float32)
-    return {"index": cfg.index.kind, "num_items": len(items_VxD) - 1,
-            "recall@10_on_item_neighbourhood_queries": index_recall(searcher, items_VxD, q_QxD)}
+        rec = Recommender.load(version, warmup=False)
+        queries_QxD = stored_user_queries(rec, cfg.index.tuning_queries)
+        items_VxD = rec.artifacts.item_vectors
+        new, searcher = rewrite_index(version, items_VxD, cfg, queries_QxD)
+    out = {"version": new.name, "index": cfg.index.kind, "num_items": len(items_VxD) - 1,
+           f"recall@{cfg.index.recall_k}_on_user_queries": index_recall(
+               searcher, items_VxD, queries_QxD, cfg.index.recall_k)}
+    return {**out, **index_metrics(artifacts.read_manifest(new).get("index", {}))}
+
+
+def stored_user_queries(rec: Recommender, count: int) -> np.ndarray:
+    """Query vectors [Q, D] of up to `count` known users (seeded), from their stored histories."""
+    a = rec.artifacts
+    users = np.arange(1, len(a.history_offsets) - 1)
+    if len(users) > count:
+        users = np.sort(np.random.default_rng(0).choice(users, count, replace=False))
+    length = rec.retriever.history_len
+    hist_BxL = np.zeros((len(users), length), np.int32)
+    for i, u in enumerate(users):
+        h = a.history_items[a.history_offsets[u]:a.history_offsets[u + 1]][-length:]
+        hist_BxL[i, length - len(h):] = h
+    return np.concatenate([rec.retriever.query_vectors(hist_BxL[lo:lo + 256], users[lo:lo + 256])
+                           for lo in range(0, len(users), 256)])

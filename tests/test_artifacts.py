@@ -342,6 +342,8 @@ def test_index_rebuild_publishes_a_new_version(tiny, tmp_path):
     assert result["index"] == "exact"
     new = artifacts.published(root)
     assert new != old and {p: p.read_bytes() for p in old.rglob("*") if p.is_file()} == before
+    assert result["version"] == new.name and result["recall@10_on_user_queries"] == 1.0
+    assert result["index/tuned"] and result["index/tuned_recall@10"] == 1.0  # exact: nothing to tune
     artifacts.verify(old)
     loaded = serve_artifacts.load(root)
     assert loaded.searcher.kind == "exact" and loaded.manifest["config"]["index"]["kind"] == "exact"

@@ -77,3 +77,20 @@ def test_a_sharded_index_agrees_with_one_searcher_and_reloads(catalogue, tmp_pat
                               valid, queries, target=0.9)
     assert not info.fallback and info.recall >= 0.89
     assert {s.params.leaves_to_search for s in tuned.shards} == {info.params["leaves_to_search"]}
+
+
+def test_export_tunes_the_index_on_the_queries_it_is_given_and_records_how(catalogue):
+    import dataclasses
+
+    from recsys.config import Config
+    from recsys.export import _build_index
+    items, _, queries, _ = catalogue
+    cfg = dataclasses.replace(Config(), index=IndexConfig(target_recall=0.9))
+    searcher, info = _build_index(items, cfg, queries)
+    assert info["tuning"]["recall"] >= 0.89 and not info["tuning"]["fallback"]
+    assert info["leaves_to_search"] == searcher.params.leaves_to_search
+    strict = dataclasses.replace(cfg, index=IndexConfig(target_recall=1.0))
+    exact, info = _build_index(items, strict, queries)
+    assert info["tuning"]["fallback"] and info["mode"] == "brute_force"
+    untuned = dataclasses.replace(cfg, index=IndexConfig(target_recall=0.0))
+    assert "tuning" not in _build_index(items, untuned, queries)[1]
