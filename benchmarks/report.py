@@ -244,6 +244,41 @@ def sharding_table(d: dict) -> str:
 
 # The blocks and the command line ----------------------------------------------------------------
 
+def index_table(d: dict) -> str:
+    """The tuned index against the best hand-tuned ScaNN setting and exact search."""
+    best = d["best_hand_tuned"] or {}
+    tuned = d["tuned_params"]
+
+    def setting(p: dict) -> str:
+        if p.get("mode") != "tree_ah" and "num_leaves" not in p:
+            return "exact"
+        return f"{p['num_leaves']} leaves, {p['leaves_to_search']} searched, reorder {p['reorder']}"
+
+    rows = [
+        ("derived from N (before tuning)", setting(d["derived_params"]),
+         f"{d['derived_recall@10']:.4f}", f"{d['derived_qps_per_cpu_s']:,.0f}"),
+        (f"**tuned to {d['target_recall']} (the default)**", setting(tuned),
+         f"**{d['tuned_recall@10']:.4f}**", f"**{d['tuned_qps_per_cpu_s']:,.0f}**"),
+        ("best hand-tuned (grid, same held-out queries)", setting(best) if best else "none met it",
+         f"{best.get('recall', float('nan')):.4f}", f"{d['best_hand_tuned_qps_per_cpu_s']:,.0f}"),
+        ("exact, numpy (ScaNN-free)", "", "1", f"{d['exact_qps_per_cpu_s']:,.0f}"),
+    ]
+    if "sharded_jax_exact_qps_per_cpu_s" in d:
+        rows.append((f"exact, sharded JAX top-k ({d['sharded_jax_exact_devices']} device(s))", "",
+                     "1" if d["sharded_jax_exact_agrees"] else "disagrees!",
+                     f"{d['sharded_jax_exact_qps_per_cpu_s']:,.0f}"))
+    lines = [_row(["index", "setting", "recall@10", "queries / CPU-s"]), "|---|---|---:|---:|"]
+    lines += [_row(r) for r in rows]
+    lat = d["tuned_latency"]
+    note = (f"\n\n{d['num_items']:,} items x {d['dim']}, {d['held_out_queries']:,} held-out "
+            f"queries. Tuned / best hand-tuned: **{d['tuned_vs_best_hand_tuned']:.2f}x**; tuned / "
+            f"exact: **{d['tuned_vs_exact']:.0f}x**. Tuned single-query latency p50 "
+            f"{lat['p50_us']:.0f} us, p99 {lat['p99_us']:.0f} us; build {d['build_cpu_s']:.0f} "
+            f"CPU-s, tuning {d['tune_cpu_s']:.0f} CPU-s, {d['index_mib']:.0f} MiB on disk, loads "
+            f"in {d['load_s']:.2f} s.")
+    return "\n".join(lines) + note + _provenance(d)
+
+
 def faults_table(d: dict) -> str:
     """The fault campaign of benchmarks.faults: one row per kind of fault."""
     rows = [
@@ -295,6 +330,8 @@ SECTIONS = {
                        "--json docs/serving.json", serving_table),
     "sharding": Section("sharding.json", "python -m benchmarks.sharding --json docs/sharding.json",
                         sharding_table),
+    "index": Section("index.json", "python -m benchmarks.index --json docs/index.json",
+                     index_table),
     "faults": Section("faults.json", "python -m benchmarks.faults --json docs/faults.json",
                       faults_table, page="reliability.md"),
 }
