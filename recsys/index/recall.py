@@ -18,6 +18,11 @@ def recall_at_k(approx_rows: np.ndarray, exact_rows: np.ndarray) -> float:
     Returns:
       Mean recall in [0, 1].
     """
+    return float(np.mean(recall_per_query(approx_rows, exact_rows)))
+
+
+def recall_per_query(approx_rows: np.ndarray, exact_rows: np.ndarray) -> np.ndarray:
+    """[Q'] recall of each query that has exact rows (see `recall_at_k` for the arguments)."""
     approx_QxK = np.atleast_2d(np.asarray(approx_rows))
     exact_QxK = np.atleast_2d(np.asarray(exact_rows))
     if approx_QxK.shape != exact_QxK.shape:
@@ -35,7 +40,7 @@ def recall_at_k(approx_rows: np.ndarray, exact_rows: np.ndarray) -> float:
     counted_Q = wanted_Q > 0
     if not counted_Q.any():
         raise ValueError("exact_rows holds no valid rows (all -1): recall is undefined")
-    return float(np.mean(hits_Q[counted_Q] / wanted_Q[counted_Q]))
+    return hits_Q[counted_Q] / wanted_Q[counted_Q]
 
 
 def measure(searcher, exact, queries: np.ndarray, k: int = 10) -> float:

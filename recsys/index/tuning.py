@@ -6,9 +6,9 @@ derived from the catalogue size miss in both directions (recall .80 at 1M with 4
 one catalogue, .976 at half the attainable speed on another), so `tune` measures instead:
   1. exact top-k of a sample of real query vectors (the query tower's outputs) is the truth;
   2. for each reorder depth, the fewest leaves whose recall@k on a tuning half of the sample
-     meets the target plus a margin of two standard errors of that half's estimate (so the
-     held-out figure lands on the target, not below it half the time); recall grows with
-     leaves, so a bisection finds it;
+     meets the target with confidence: its mean less two standard errors (over the half's
+     queries) is at least the target, so the held-out figure lands on the target rather than
+     below it half the time; recall grows with leaves, so a bisection finds it;
   3. each of those settings is timed, and the fastest wins; its recall is then measured on the
      other, held-out half, and that is the figure reported;
   4. when no setting reaches the target, the tree is rebuilt once with twice the k-means
@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 from recsys.index.params import ScannParams
-from recsys.index.recall import recall_at_k
+from recsys.index.recall import recall_at_k, recall_per_query
 from recsys.index.searcher import ExactSearcher, ScannSearcher, Searcher
 
 REORDERS = (25, 50, 100, 200, 400, 1000)  # re-scored candidates tried (at least k each)
@@ -78,9 +78,8 @@ def tune(searcher: Searcher, items_VxD: np.ndarray, valid_V: np.ndarray, queries
         return searcher, Tuning(target, k, recall, recall, len(held_q), _qps(searcher, held_q, k),
                                 exact_qps, False, _params_of(searcher), [])
     tried: list[dict] = []
-    goal = min(1.0, target + margin(target, len(tune_q), k))
     for attempt in range(2):
-        best = _fastest(searcher, tune_q, truth_tune, goal, k, tried)
+        best = _fastest(searcher, tune_q, truth_tune, target, k, tried)
         if best is not None:
             tuned = searcher.with_query_params(best["leaves_to_search"], best["reorder"])
             recall = recall_at_k(tuned.search(held_q, k)[1], truth_held)
@@ -99,9 +98,9 @@ def tune(searcher: Searcher, items_VxD: np.ndarray, valid_V: np.ndarray, queries
                                exact_qps, True, _params_of(exact_scann), tried)
 
 
-def margin(target: float, queries: int, k: int) -> float:
-    """Two standard errors of a recall estimate near `target` from `queries` x k neighbours."""
-    return 2.0 * float(np.sqrt(target * (1.0 - target) / (queries * k)))
+def lower_bound(per_query: np.ndarray) -> float:
+    """Mean recall less two standard errors over the queries (a one-sided ~97.5% bound)."""
+    return float(np.mean(per_query) - 2.0 * np.std(per_query) / np.sqrt(len(per_query)))
 
 
 def _fastest(searcher: ScannSearcher, q_QxD, truth_QxK, target: float, k: int,
@@ -111,10 +110,13 @@ def _fastest(searcher: ScannSearcher, q_QxD, truth_QxK, target: float, k: int,
     candidates = []
     for reorder in sorted({max(r, k) for r in REORDERS if r <= max(len(searcher.rows_M), k)}):
         def recall_at(leaves: int, reorder=reorder) -> float:
+            """The lower confidence bound of recall at this setting (mean and bound recorded)."""
             s = searcher.with_query_params(leaves, reorder)
-            r = recall_at_k(s.search(q_QxD, k)[1], truth_QxK)
-            tried.append({"leaves_to_search": leaves, "reorder": reorder, "recall": r})
-            return r
+            per_query = recall_per_query(s.search(q_QxD, k)[1], truth_QxK)
+            bound = lower_bound(per_query)
+            tried.append({"leaves_to_search": leaves, "reorder": reorder,
+                          "recall": float(np.mean(per_query)), "lower_bound": bound})
+            return bound
 
         if recall_at(num_leaves) < target:
             continue  # this reorder depth cannot reach it at all
