@@ -26,9 +26,7 @@ def make_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
     """A ('data', 'model') mesh over all devices of all processes; -1 takes the remaining ones."""
     devices = list(devices if devices is not None else jax.devices())
     n = len(devices)
-    data, model = cfg.data, cfg.model
-    if model <= 0 or (data <= 0 and data != -1):
-        raise ConfigError(f"mesh.data={data}, mesh.model={model}: use positive sizes (data may be -1)")
+    data, model = cfg.data, cfg.model  # sizes already checked by MeshConfig
     if data == -1:
         if n % model:
             raise ConfigError(f"mesh.model={model} does not divide the {n} devices")

@@ -79,9 +79,6 @@ def derive_params(num_rows: int, dim: int, cfg: IndexConfig) -> ScannParams:
     Returns:
       The chosen parameters.
     """
-    for name in ("num_leaves", "leaves_to_search", "reorder"):
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"index.{name} must be >= 0 (0 = derived), got {getattr(cfg, name)}")
     if num_rows <= 0 or dim <= 0:
         raise ValueError(f"cannot index {num_rows} rows of width {dim}: both must be positive")
     num_leaves = cfg.num_leaves or round(LEAVES_PER_SQRT_ROW * math.sqrt(num_rows))
