@@ -165,7 +165,7 @@ def corruption_cases(root: pathlib.Path) -> dict:
         targets += [("checkpoint", p) for p in sorted(last.rglob("*")) if p.is_file()]
     targets += [("artifact", p) for p in sorted(version.rglob("*")) if p.is_file()]
     counts = {"corruption_cases": 0, "corruption_refused": 0, "silently_accepted": 0,
-              "tracebacks": 0, "accepted_files": []}
+              "tracebacks": 0, "accepted_files": [], "traceback_examples": []}
     for kind, path in targets:
         for mode in ("truncate", "flip", "delete"):
             case = root / "case"
@@ -182,6 +182,8 @@ def corruption_cases(root: pathlib.Path) -> dict:
             elif "Traceback" in result.stderr:
                 counts["tracebacks"] += 1
                 counts["accepted_files"].append(f"{mode} {path.relative_to(base)}: traceback")
+                if len(counts["traceback_examples"]) < 3:
+                    counts["traceback_examples"].append(result.stderr[-3000:])
             else:
                 counts["silently_accepted"] += 1
                 counts["accepted_files"].append(f"{mode} {path.relative_to(base)}")

@@ -13,6 +13,7 @@ import scann
 from google.protobuf import text_format
 from scann.scann_ops import scann_assets_pb2
 
+from recsys import npyio
 from recsys.config import IndexConfig
 from recsys.index.params import ScannParams, derive_params
 
@@ -356,7 +357,7 @@ def _check_own_name(directory: pathlib.Path, desc: dict, key: str, name: str) ->
 def _read_npy(path: pathlib.Path, dtype: type, ndim: int) -> np.ndarray:
     _check_entry(path, "index file")
     try:
-        array = np.load(path, allow_pickle=False)
+        array = npyio.load_array(path)
     except (OSError, ValueError, EOFError) as e:
         raise IndexLoadError(f"index file unreadable: {path} ({e})") from e
     if array.dtype != dtype or array.ndim != ndim:

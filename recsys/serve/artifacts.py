@@ -10,6 +10,7 @@ import numpy as np
 
 from recsys import artifacts as bundle
 from recsys import index as index_lib
+from recsys import npyio
 from recsys.artifacts import ArtifactError
 from recsys.data.vocab import Vocab
 from recsys.models.ranker_inputs import ItemTimeline, RankerTables
@@ -81,13 +82,12 @@ def ranker_tables(a: Loaded) -> RankerTables:
 
 
 def _array(path: pathlib.Path) -> np.ndarray:
-    return np.load(path, allow_pickle=False)
+    return npyio.load_array(path)
 
 
 def _arrays(path: pathlib.Path) -> dict:
     """Every array of an .npz, read now (the file is closed on return)."""
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+    return npyio.load_arrays(path)
 
 
 def _on_device(path: pathlib.Path) -> dict:
