@@ -179,11 +179,14 @@ def ordering_table(d: dict) -> str:
 def _index_name(index: dict | None) -> str:
     if not index:
         return "–"
+    tuned = index.get("tuning")
+    recall = (f"; recall@{tuned['k']} {tuned['recall']:.3f} on {tuned['queries']:,} held-out "
+              f"validation queries{', fallback' if tuned['fallback'] else ''}" if tuned else "")
     if index.get("mode") == "tree_ah":
         return (f"ScaNN tree-AH ({index['num_leaves']} leaves, {index['leaves_to_search']} "
-                "searched)")
+                f"searched, reorder {index['reorder']}{recall})")
     if index.get("mode") == "brute_force":
-        return "ScaNN brute force"
+        return f"ScaNN brute force{f' ({recall[2:]})' if recall else ''}"
     return str(index.get("kind", "–"))
 
 
@@ -279,6 +282,23 @@ def index_table(d: dict) -> str:
     return "\n".join(lines) + note + _provenance(d)
 
 
+def http_table(d: dict) -> str:
+    """The HTTP load run with a reload in the middle, beside the in-process call."""
+    versions = ", ".join(f"{n:,}" for n in d["versions_seen"].values())
+    lines = [_row(["requests", "failed", "versions seen (responses each)", "HTTP p50 / p99 ms",
+                   "in-process p50 / p99 ms", "requests/s"]), "|---:|---:|---|---:|---:|---:|",
+             _row([f"{d['requests']:,}", d["failed_requests"],
+                   f"{len(d['versions_seen'])} ({versions})",
+                   f"{d['p50_ms']:.2f} / {d['p99_ms']:.2f}",
+                   f"{d['in_process_p50_ms']:.2f} / {d['in_process_p99_ms']:.2f}",
+                   f"{d['requests_per_second']:.0f}"])]
+    note = (f"\n\n{d['client_threads']} client threads over loopback, {d['num_items']:,} items; "
+            f"the new version was published and loaded in {d['publish_and_reload_s']:.1f} s while "
+            f"the old one kept answering; {d['server_errors_counted']} server errors counted. The "
+            "HTTP latency is mostly queueing: 8 clients share the server's 2 cores.")
+    return "\n".join(lines) + note + _provenance(d)
+
+
 def faults_table(d: dict) -> str:
     """The fault campaign of benchmarks.faults: one row per kind of fault."""
     rows = [
@@ -330,6 +350,7 @@ SECTIONS = {
                        "--json docs/serving.json", serving_table),
     "sharding": Section("sharding.json", "python -m benchmarks.sharding --json docs/sharding.json",
                         sharding_table),
+    "http": Section("http.json", "python -m benchmarks.http --json docs/http.json", http_table),
     "index": Section("index.json", "python -m benchmarks.index --json docs/index.json",
                      index_table),
     "faults": Section("faults.json", "python -m benchmarks.faults --json docs/faults.json",

@@ -73,6 +73,13 @@ def _sharding() -> dict:
             "max_abs_diff_vs_single_device_sparse": 1e-6}
 
 
+def _http() -> dict:
+    return {"requests": 10000, "failed_requests": 0, "versions_seen": {"a": 6000, "b": 4000},
+            "p50_ms": 18.5, "p99_ms": 40.8, "in_process_p50_ms": 0.95, "in_process_p99_ms": 1.45,
+            "requests_per_second": 412.0, "client_threads": 8, "num_items": 400,
+            "publish_and_reload_s": 3.8, "server_errors_counted": 0}
+
+
 def _index() -> dict:
     tree = {"mode": "tree_ah", "num_leaves": 2000, "leaves_to_search": 48, "reorder": 200}
     return {"num_items": 1000000, "dim": 64, "target_recall": 0.95, "held_out_queries": 2000,
@@ -97,7 +104,7 @@ def _docs(tmp_path: pathlib.Path, **files) -> pathlib.Path:
 
 def test_tables_render_mean_and_std_over_seeds(tmp_path):
     results = _docs(tmp_path, ablation=_ablation(), pipeline=_pipeline(), serving=_serving(),
-                    sharding=_sharding(), index=_index())
+                    sharding=_sharding(), index=_index(), http=_http())
     assert report.main(["--results", str(results)]) == 0
     text = results.read_text()
     assert text.startswith("# Results\n\nHand-written prose.") and text.endswith("More prose.\n")
@@ -132,6 +139,7 @@ def test_tables_render_mean_and_std_over_seeds(tmp_path):
     assert ("| **tuned to 0.95 (the default)** | 2000 leaves, 20 searched, reorder 100 | "
             "**0.9510** | **30,000** |") in text
     assert "Tuned / best hand-tuned: **0.97x**; tuned / exact: **100x**" in text
+    assert "| 10,000 | 0 | 2 (6,000, 4,000) | 18.50 / 40.80 | 0.95 / 1.45 | 412 |" in text
     assert "Not yet measured" not in text
     assert report.main(["--results", str(results), "--check"]) == 0
 
