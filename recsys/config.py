@@ -440,23 +440,3 @@ def from_dict(d: dict) -> Config:
 def dumps(cfg: Config) -> str:
     return json.dumps(to_dict(cfg), indent=2, sort_keys=True)
 
-
-__all__ = [
-    "Config",
-    "ConfigError",
-    "DataConfig",
-    "EvalConfig",
-    "ExportConfig",
-    "IndexConfig",
-    "MeshConfig",
-    "ModelConfig",
-    "RankerConfig",
-    "ServeConfig",
-    "TrainConfig",
-    "apply_overrides",
-    "dumps",
-    "from_dict",
-    "load",
-    "to_dict",
-    "validate",
-]
