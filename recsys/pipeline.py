@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import resource
 import time
 
 import jax
@@ -62,7 +63,12 @@ def run(cfg: Config, workdir: pathlib.Path) -> dict:
     metrics = evaluate_models(cfg, models, version, lap)
     return write_metrics(workdir, models.ds, {
         **models.metrics, **metrics, **{f"seconds/{k}": s for k, s in lap.seconds.items()},
-        "wall_seconds": time.time() - t0})
+        "wall_seconds": time.time() - t0, "memory/peak_rss_gib": peak_rss_gib()})
+
+
+def peak_rss_gib() -> float:
+    """The peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def train(cfg: Config, workdir: pathlib.Path) -> dict:

@@ -186,3 +186,17 @@ def test_both_losses_prefer_the_true_item_in_column_zero(loss):
     right = ranker_loss(lambda b: jnp.array([[3.0, 0.0, -1.0]]), {}, cfg)
     wrong = ranker_loss(lambda b: jnp.array([[-1.0, 0.0, 3.0]]), {}, cfg)
     assert float(right) < float(wrong)
+
+
+def test_a_ranker_with_no_retrieved_events_to_learn_from_is_one_clear_error():
+    from recsys.config import ConfigError
+    from recsys.train import ranker as ranker_train
+    from recsys.train.ranker_data import Events
+    m = 6
+    events = Events(positions=np.arange(m), q=np.zeros((m, D), np.float32),
+                    users=np.arange(1, m + 1), history=np.zeros((m, L), np.int32),
+                    times=np.zeros(m, np.int64), last_times=np.full(m, -1, np.int64),
+                    targets=np.full(m, 5), candidates=np.tile(np.arange(1, 5), (m, 1)))
+    with pytest.raises(ConfigError, match=r"0 have their target in retrieval's top-4.*ranker.steps=0"):
+        ranker_train._cross_validate(RankerConfig(), 0, V, None, None, None, None, events,
+                                     ranker_train.fold_of(events, 3, 0), None)

@@ -14,7 +14,7 @@ import optax
 from flax import nnx
 
 from recsys import sharding
-from recsys.config import Config, RankerConfig
+from recsys.config import Config, ConfigError, RankerConfig
 from recsys.data.dataset import Dataset
 from recsys.eval import metrics, protocol
 from recsys.metrics_log import MetricsLog
@@ -273,6 +273,12 @@ def _cross_validate(rc: RankerConfig, seed: int, num_items: int, graphdef, state
     k = rc.folds
     every = rc.eval_every or rc.steps
     pools = [retrieved_only(events.take(np.flatnonzero(fold_E != f))) for f in range(k)]
+    if any(len(p.positions) == 0 for p in pools):
+        raise ConfigError(
+            f"the ranker has too few events to learn from: of its {len(events.positions)} events "
+            f"(ranker.events={rc.events}), {len(retrieved_only(events).positions)} have their "
+            f"target in retrieval's top-{events.candidates.shape[1]}, fewer than one per fold "
+            f"(ranker.folds={k}); train retrieval longer, or set ranker.steps=0 (retrieval order)")
     rng = np.random.default_rng([seed, 11])
     held = [events.take(np.sort(rng.permutation(np.flatnonzero(fold_E == f))[:CV_EVAL_EVENTS // k]))
             for f in range(k)]
