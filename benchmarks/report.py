@@ -282,6 +282,26 @@ def index_table(d: dict) -> str:
     return "\n".join(lines) + note + _provenance(d)
 
 
+def scale_table(d: dict) -> str:
+    """The end-to-end runs at 1e6 and 1e7 items: index, memory and seconds per stage."""
+    lines = [_row(["config", "items", "index (tuned)", "index recall@10 (test queries)",
+                   "queries / CPU-s (exact)", "peak RSS", "train", "export + index", "evaluate",
+                   "wall"]), "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, run in d["runs"].items():
+        m = run["metrics"]
+        lines.append(_row([
+            f"`configs/{name}.py`", f"{m['num_items']:,}",
+            f"tuned to {m['index/target_recall']}, held-out {m['index/tuned_recall@10']:.3f}"
+            + (", fallback" if m["index/fallback"] else ""),
+            f"{m['index/recall@10']:.3f}",
+            f"{m['index/qps_per_cpu_s']:,.0f} ({m['index/exact_qps_per_cpu_s']:,.0f})",
+            f"{m['memory/peak_rss_gib']:.1f} GiB", f"{m['seconds/train_retrieval']:.0f} s",
+            f"{m['seconds/export']:.0f} s",
+            f"{m['seconds/evaluate_retrieval'] + m['seconds/evaluate_pipeline']:.0f} s",
+            f"{m['wall_seconds']:.0f} s"]))
+    return "\n".join(lines) + _provenance(d)
+
+
 def http_table(d: dict) -> str:
     """The HTTP load run with a reload in the middle, beside the in-process call."""
     versions = ", ".join(f"{n:,}" for n in d["versions_seen"].values())
@@ -350,6 +370,8 @@ SECTIONS = {
                        "--json docs/serving.json", serving_table),
     "sharding": Section("sharding.json", "python -m benchmarks.sharding --json docs/sharding.json",
                         sharding_table),
+    "scale": Section("scale_runs.json", "the two recsys pipeline commands of the section",
+                     scale_table),
     "http": Section("http.json", "python -m benchmarks.http --json docs/http.json", http_table),
     "index": Section("index.json", "python -m benchmarks.index --json docs/index.json",
                      index_table),
