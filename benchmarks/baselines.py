@@ -12,12 +12,11 @@ train + validation events, the history includes the validation event.
 from __future__ import annotations
 
 import argparse
-import json
-import pathlib
 import time
 
 import numpy as np
 
+from benchmarks import provenance
 from recsys.config import DataConfig, EvalConfig
 from recsys.data import dataset as dataset_lib
 from recsys.data.dataset import Dataset
@@ -112,11 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     result = run(DataConfig(source="movielens", path=args.data), EvalConfig(),
                  tuple(float(x) for x in args.lambdas.split(",")))
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        pathlib.Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        pathlib.Path(args.json).write_text(text)
+    provenance.emit(result, args.json)
 
 
 if __name__ == "__main__":

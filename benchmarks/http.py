@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import pathlib
 import re
@@ -193,10 +192,7 @@ def main() -> None:
     result = {**run, "load_average_before": before, "load_average_after": os.getloadavg(),
               "cpus": os.cpu_count(), "artifacts": args.artifacts or "configs/tiny.py (fresh run)",
               "provenance": provenance.record()}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        pathlib.Path(args.json).write_text(text)
+    provenance.emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -46,10 +46,6 @@ LEAVES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 REORDERS = (50, 100, 200, 400)
 
 
-def _qps(searcher, q_QxD: np.ndarray, k: int) -> float:
-    return tuning._qps(searcher, q_QxD, k)
-
-
 def _latency_us(searcher, q_QxD: np.ndarray, k: int) -> dict:
     searcher.search(q_QxD[0], k)  # warm-up
     lat_Q = np.empty(len(q_QxD))
@@ -72,7 +68,7 @@ def _grid(searcher: ScannSearcher, held_q, truth, k: int, target: float) -> list
             point = {"num_leaves": searcher.params.num_leaves, "leaves_to_search": leaves,
                      "reorder": reorder, "recall": round(recall, 4)}
             if recall >= target:
-                point["qps_per_cpu_s"] = round(_qps(s, held_q, k), 1)
+                point["qps_per_cpu_s"] = round(tuning.qps_per_cpu_s(s, held_q, k), 1)
             points.append(point)
     return points
 
@@ -87,7 +83,7 @@ def run(args: argparse.Namespace) -> dict:
 
     exact = ExactSearcher(items_NxD, valid_N)
     truth = exact.search(held_q, k)[1]
-    exact_qps = _qps(exact, held_q[:args.exact_queries], k)
+    exact_qps = tuning.qps_per_cpu_s(exact, held_q[:args.exact_queries], k)
     out = {"num_items": args.num_items, "dim": args.dim, "k": k, "target_recall": target,
            "held_out_queries": len(held_q), "exact_qps_per_cpu_s": round(exact_qps, 1)}
     if args.sharded_exact:
@@ -114,7 +110,7 @@ def run(args: argparse.Namespace) -> dict:
     tuned, info = tuning.tune(derived, items_NxD, valid_N, tune_q, target, k)
     tune_cpu = time.process_time() - cpu
     tuned_recall = recall_at_k(tuned.search(held_q, k)[1], truth)
-    tuned_qps = _qps(tuned, held_q, k)
+    tuned_qps = tuning.qps_per_cpu_s(tuned, held_q, k)
     with tempfile.TemporaryDirectory() as tmp:
         tuned.save(pathlib.Path(tmp) / "index")
         index_mib = sum(p.stat().st_size for p in pathlib.Path(tmp).rglob("*") if p.is_file())
@@ -124,7 +120,7 @@ def run(args: argparse.Namespace) -> dict:
     out.update({
         "derived_params": dataclasses.asdict(derived.params),
         "derived_recall@10": round(derived_recall, 4),
-        "derived_qps_per_cpu_s": round(_qps(derived, held_q, k), 1),
+        "derived_qps_per_cpu_s": round(tuning.qps_per_cpu_s(derived, held_q, k), 1),
         "tuned_params": info.params, "tuned_fallback": info.fallback,
         "tuned_recall@10": round(tuned_recall, 4),
         "tuned_qps_per_cpu_s": round(tuned_qps, 1),

@@ -71,3 +71,12 @@ def _module_name() -> str:
     main = sys.modules.get("__main__")
     spec = getattr(main, "__spec__", None)
     return spec.name if spec is not None else sys.argv[0]
+
+
+def emit(result: dict, path: str | os.PathLike | None) -> None:
+    """Prints a benchmark's JSON result and writes it to `path` too (when given)."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if path:
+        pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+        pathlib.Path(path).write_text(text + "\n")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import pathlib
 import time
@@ -128,10 +127,7 @@ def main() -> None:
               "jax": jax.__version__,
               "runs": {name: measure(d, args.requests) for name, d in dirs.items()},
               "load_average_after": os.getloadavg(), "provenance": provenance.record()}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        pathlib.Path(args.json).write_text(text)
+    provenance.emit(result, args.json)
 
 
 if __name__ == "__main__":

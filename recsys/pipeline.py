@@ -306,15 +306,15 @@ def rebuild_index(artifacts_dir: pathlib.Path, overrides: list[str]) -> dict:
     """`recsys index`: publishes a version with the index rebuilt (and tuned) by new index.*
     settings, without retraining; returns what was measured.
 
-    The real queries come from the bundle itself: its query tower over a seeded sample of known
-    users' stored histories (their state after their last stored event).
+    The real queries come from the bundle itself: what serving computes for a seeded sample of
+    known users from their stored histories (Recommender.user_query_vectors).
     """
     from recsys.export import rewrite_index
     with artifacts.reading(artifacts_dir) as version:  # a new version is published beside it
         manifest = artifacts.verify(version)
         cfg = config_lib.apply_overrides(config_lib.from_dict(manifest["config"]), overrides)
         rec = Recommender.load(version, warmup=False)
-        queries_QxD = stored_user_queries(rec, cfg.index.tuning_queries)
+        queries_QxD = rec.user_query_vectors(rec.known_users(cfg.index.tuning_queries))
         items_VxD = rec.artifacts.item_vectors
         new, searcher = rewrite_index(version, items_VxD, cfg, queries_QxD)
     out = {"version": new.name, "index": cfg.index.kind, "num_items": len(items_VxD) - 1,
@@ -322,17 +322,3 @@ def rebuild_index(artifacts_dir: pathlib.Path, overrides: list[str]) -> dict:
                searcher, items_VxD, queries_QxD, cfg.index.recall_k)}
     return {**out, **index_metrics(artifacts.read_manifest(new).get("index", {}))}
 
-
-def stored_user_queries(rec: Recommender, count: int) -> np.ndarray:
-    """Query vectors [Q, D] of up to `count` known users (seeded), from their stored histories."""
-    a = rec.artifacts
-    users = np.arange(1, len(a.history_offsets) - 1)
-    if len(users) > count:
-        users = np.sort(np.random.default_rng(0).choice(users, count, replace=False))
-    length = rec.retriever.history_len
-    hist_BxL = np.zeros((len(users), length), np.int32)
-    for i, u in enumerate(users):
-        h = a.history_items[a.history_offsets[u]:a.history_offsets[u + 1]][-length:]
-        hist_BxL[i, length - len(h):] = h
-    return np.concatenate([rec.retriever.query_vectors(hist_BxL[lo:lo + 256], users[lo:lo + 256])
-                           for lo in range(0, len(users), 256)])

@@ -13,7 +13,6 @@ import json
 import math
 import pathlib
 import re
-import time
 
 import numpy as np
 
@@ -180,11 +179,9 @@ def load_recommender(workdir: pathlib.Path):
 
 def sample_users(rec, n: int, seed: int = 0) -> list:
     """Up to n raw user ids of the artifacts, a seeded sample in vocabulary order."""
-    ids = rec.artifacts.users.ids
-    if len(ids) == 0:
+    if len(rec.artifacts.users.ids) == 0:
         raise Skip("the artifacts hold no users")
-    pick = np.sort(np.random.default_rng(seed).choice(len(ids), min(n, len(ids)), replace=False))
-    return [ids[i].item() for i in pick]
+    return rec.known_users(n, seed)
 
 
 # ---- (a) training curves ------------------------------------------------------------------
@@ -279,13 +276,7 @@ def popularity_ranks(workdir: pathlib.Path) -> np.ndarray:
 
 def user_query_vectors(rec, n: int) -> np.ndarray:
     """The query vectors serving computes for up to n known users (stored histories): [Q, D]."""
-    from recsys.serve.requests import BATCH_BUCKETS
-    reqs = [rec.parser.parse({"user_id": u}) for u in sample_users(rec, n)]
-    parts = []
-    for lo in range(0, len(reqs), BATCH_BUCKETS[-1]):
-        batch = reqs[lo:lo + BATCH_BUCKETS[-1]]
-        parts.append(rec.retriever.request_vectors(batch, rec.retriever.histories(batch)))
-    return np.concatenate(parts).astype(np.float32)
+    return rec.user_query_vectors(sample_users(rec, n))
 
 
 def searcher_settings(searcher):
@@ -327,17 +318,12 @@ def index_sweep(searcher, items_VxD: np.ndarray, q_QxD: np.ndarray, k: int = K) 
     return points
 
 
-def _timed_search(searcher, q_QxD: np.ndarray, k: int, budget_s: float = 0.25):
-    """(rows [Q, k], queries per CPU-second): the best of at least 3 batched calls after a first
-    one, repeated for `budget_s` CPU-seconds. CPU time, as recsys.index.tuning measures: robust
-    on a shared machine, and comparable with the tuning figures in the manifest."""
+def _timed_search(searcher, q_QxD: np.ndarray, k: int):
+    """(rows [Q, k], queries per CPU-second as recsys.index.tuning measures them: comparable
+    with the tuning figures in the manifest)."""
+    from recsys.index import tuning
     _, rows_QxK = searcher.search(q_QxD, k)
-    times = []
-    while len(times) < 3 or (sum(times) < budget_s and len(times) < 50):
-        t0 = time.process_time()
-        searcher.search(q_QxD, k)
-        times.append(time.process_time() - t0)
-    return rows_QxK, len(q_QxD) / max(min(times), 1e-9)
+    return rows_QxK, tuning.qps_per_cpu_s(searcher, q_QxD, k)
 
 
 def draw_index(rec, queries: int):

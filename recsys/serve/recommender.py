@@ -9,6 +9,8 @@ import threading
 import time
 from collections.abc import Sequence
 
+import numpy as np
+
 from recsys import artifacts as bundle
 from recsys.artifacts import ArtifactError
 from recsys.config import ServeConfig
@@ -144,6 +146,22 @@ class Recommender:
     def warmup(self) -> None:
         """Compiles the query tower and ranker for every batch bucket (fixed candidate count)."""
         self._stages.warmup()
+
+    def known_users(self, n: int, seed: int = 0) -> list:
+        """Up to n raw user ids of the served version, a seeded sample in vocabulary order."""
+        ids = self.artifacts.users.ids
+        pick = np.sort(np.random.default_rng(seed).choice(len(ids), min(n, len(ids)), False))
+        return [ids[i].item() for i in pick]
+
+    def user_query_vectors(self, user_ids: Sequence) -> np.ndarray:
+        """[Q, D] the query vectors serving computes for known users from their stored
+        histories (the real queries an index is tuned or measured on)."""
+        s = self._stages
+        reqs = [s.parser.parse({"user_id": u}) for u in user_ids]
+        parts = [s.retriever.request_vectors(b, s.retriever.histories(b))
+                 for b in (reqs[lo:lo + BATCH_BUCKETS[-1]]
+                           for lo in range(0, len(reqs), BATCH_BUCKETS[-1]))]
+        return np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, 0), np.float32)
 
     def set_available(self, item_ids, available: bool) -> list:
         """Marks raw item ids (un)available for every later request, this version and the ones
