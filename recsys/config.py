@@ -54,6 +54,9 @@ class DataConfig(_Section):
     # a directory of them or a glob ("events/*.parquet", files read in name order)
     path: str = ""
     tfds_name: str = "recsys_interactions"  # dataset name inside path for source=tfds
+    # a directory `recsys prepare` wrote from this data config: training reads its examples with
+    # Grain, a batch at a time, instead of building them in memory ("" = in memory)
+    prepared: str = ""
     # Synthetic source (ignored by the others).
     num_users: int = 2000  # users generated
     num_items: int = 1000  # items generated
@@ -187,8 +190,10 @@ class TrainConfig(_Section):
     logq_estimate: Literal["counts", "streaming"] = "counts"
     logq_buckets: int = 0  # hash buckets of the streaming estimate (0 = one per item row)
     logq_learning_rate: float = 0.001  # streaming estimate: weight of a sighting after 1/rate
-    # tables: dense (optax) | rowwise_adagrad | lazy_adam (sparse row updates)
-    embedding_optimizer: Literal["dense", "rowwise_adagrad", "lazy_adam"] = "dense"
+    # tables: dense (optax) | rowwise_adagrad | lazy_adam (sparse row updates) | auto: sparse
+    # (lazy_adam after adam, rowwise_adagrad after adagrad) when the item table has more rows
+    # than a step looks up, dense otherwise (recsys.train.state.embedding_rule)
+    embedding_optimizer: Literal["auto", "dense", "rowwise_adagrad", "lazy_adam"] = "auto"
     embedding_learning_rate: float = 0.0  # sparse table optimizer's rate (0 = learning_rate)
     remove_accidental_hits: bool = True  # mask negatives (every source) equal to the positive
     uniform_negatives: int = 0  # M: catalogue items drawn uniformly per step, shared negatives (0 = off)
@@ -206,9 +211,20 @@ class TrainConfig(_Section):
     keep_checkpoints: int = 2  # checkpoints kept on disk
     seed: int = 0  # parameter init and batch order
     log_every: int = 50  # steps between loss updates (progress, metrics.jsonl, TensorBoard)
+    # Speed (docs/distributed.md "Throughput"): none of these changes what is computed except
+    # compute_dtype.
+    prefetch: int = 2  # global batches built and placed ahead on a background thread (0 = inline)
+    steps_per_call: int = 1  # steps per jitted call (a lax.scan over stacked batches)
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"  # tower matmuls and logits
+    # Rows of the [B, N] logits computed at once, recomputed in the backward pass (0 = all rows
+    # at once below 2048 examples, else 512): the whole matrix never exists in memory.
+    logits_chunk: int = 0
 
     def _check(self) -> None:
         self._require(self.batch_size > 0, "batch_size", "must be positive")
+        self._require(self.prefetch >= 0, "prefetch", "must be >= 0")
+        self._require(self.steps_per_call >= 1, "steps_per_call", "must be >= 1")
+        self._require(self.logits_chunk >= 0, "logits_chunk", "must be >= 0")
         for name in ("num_steps", "weight_decay", "logq_buckets", "embedding_learning_rate",
                      "uniform_negatives", "hard_negatives", "mined_negatives", "eval_every",
                      "early_stopping_patience", "checkpoint_every"):

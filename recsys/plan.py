@@ -11,9 +11,9 @@ import numpy as np
 from recsys import sharding
 from recsys.config import Config, ConfigError, MeshConfig, ModelConfig
 from recsys.data.dataset import Dataset
-from recsys.models.two_tower import TwoTower, Vocabularies
+from recsys.models.two_tower import Vocabularies
 from recsys.train import state as state_lib
-from recsys.train.loop import vocabularies
+from recsys.train.loop import state_parts, vocabularies
 
 LOGIT_COPIES = 3  # logits, softmax probabilities and their gradient live together in the step
 
@@ -52,9 +52,7 @@ def abstract_two_tower_state(cfg: Config, ds: Dataset | Vocabularies, mesh):
     """ShapeDtypeStructs with shardings of the (model, optimizer) state train_retrieval builds,
     for a dataset or for table sizes alone."""
     vocab = ds if isinstance(ds, Vocabularies) else vocabularies(ds)
-    return state_lib.abstract(lambda rngs: TwoTower(cfg.model, vocab, rngs),
-                              state_lib.make_optimizer(cfg.train, logq_rows=vocab.num_items),
-                              cfg.train.seed, mesh)[1]
+    return state_lib.abstract(*state_parts(cfg, vocab), cfg.train.seed, mesh)[1]
 
 
 def state_rows(state) -> list[Row]:

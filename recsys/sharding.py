@@ -37,23 +37,27 @@ def make_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
     return jax.make_mesh((data, model), AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
 
 
-def batch_spec() -> P:
-    return P(dict(RULES)["batch"])
+def batch_spec(stacked: bool = False) -> P:
+    """Rows split along the batch axes; `stacked`: batches stacked along a leading step axis."""
+    return P(None, dict(RULES)["batch"]) if stacked else P(dict(RULES)["batch"])
 
 
-def shard_batch(batch, mesh: jax.sharding.Mesh):
+def shard_batch(batch, mesh: jax.sharding.Mesh, stacked: bool = False):
     """Places this process's rows of a global batch on the mesh, split along the batch axis.
 
     `batch` is any pytree of arrays (model inputs, recsys.train.negatives.Negatives), each with
-    rows along its first axis. Each process passes only its own rows: those
-    `process_rows(mesh, rows)` names, in that order (global rows / process count of them).
+    rows along its first axis (its second with `stacked`: [k, rows, ...], k steps' batches).
+    Each process passes only its own rows: those `process_rows(mesh, rows)` names, in that order
+    (global rows / process count of them).
     """
-    sharding = NamedSharding(mesh, batch_spec())
+    sharding = NamedSharding(mesh, batch_spec(stacked))
+    row_axis = int(stacked)
 
     def place(x):
         x = np.asarray(x)
-        global_shape = (x.shape[0] * jax.process_count(), *x.shape[1:])
-        return jax.make_array_from_process_local_data(sharding, x, global_shape)
+        global_shape = list(x.shape)
+        global_shape[row_axis] *= jax.process_count()
+        return jax.make_array_from_process_local_data(sharding, x, tuple(global_shape))
 
     return jax.tree.map(place, batch)
 

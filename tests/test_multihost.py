@@ -14,10 +14,9 @@ import pytest
 
 from recsys import config as config_lib
 from recsys import pipeline, sharding
-from recsys.models.two_tower import TwoTower
 from recsys.train import checkpoint
 from recsys.train import state as state_lib
-from recsys.train.loop import vocabularies
+from recsys.train.loop import state_parts, vocabularies
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.py"
@@ -64,9 +63,7 @@ def reported_losses(output: str) -> dict:
 
 def abstract_target(cfg: config_lib.Config, mesh):
     vocab = vocabularies(pipeline.load_data(cfg.data))
-    return state_lib.abstract(lambda rngs: TwoTower(cfg.model, vocab, rngs),
-                              state_lib.make_optimizer(cfg.train, logq_rows=vocab.num_items),
-                              cfg.train.seed, mesh)[1]
+    return state_lib.abstract(*state_parts(cfg, vocab), cfg.train.seed, mesh)[1]
 
 
 def restore(directory: pathlib.Path, target):

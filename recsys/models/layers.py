@@ -67,6 +67,35 @@ def unique_ids(ids_N, fill_value: int):
     return unique_N, jnp.zeros((n,), jnp.int32).at[slot_N].add(1)
 
 
+# Set only by the train step (train.compute_dtype): the dtype of tower matmuls and logits.
+# Parameters, optimizer state, normalisation and the softmax stay float32.
+_COMPUTE_DTYPE: contextvars.ContextVar = contextvars.ContextVar("compute_dtype", default=None)
+
+
+@contextlib.contextmanager
+def compute_dtype(dtype):
+    """Within the block, MLP layers and retrieval logits multiply in `dtype` (None: float32)."""
+    token = _COMPUTE_DTYPE.set(None if dtype in (None, "float32", jnp.float32) else jnp.dtype(dtype))
+    try:
+        yield
+    finally:
+        _COMPUTE_DTYPE.reset(token)
+
+
+def matmul_dtype():
+    """The dtype `compute_dtype` set, or None (float32, the inputs' own dtype)."""
+    return _COMPUTE_DTYPE.get()
+
+
+def linear(layer: nnx.Linear, x_BxI):
+    """layer(x), with the matmul in the compute dtype when one is set (float32 parameters)."""
+    dtype = matmul_dtype()
+    if dtype is None:
+        return layer(x_BxI)
+    y_BxO = x_BxI.astype(dtype) @ layer.kernel[...].astype(dtype)
+    return y_BxO + layer.bias[...].astype(dtype) if layer.bias is not None else y_BxO
+
+
 def table(num_rows: int, dim: int, rngs: nnx.Rngs, scale: float = 0.05) -> Table:
     """A row-sharded embedding table ('vocab', 'embed') with padded rows."""
     return Table(padded_rows(num_rows), dim, rngs, scale)
@@ -95,8 +124,8 @@ class MLP(nnx.Module):
 
     def __call__(self, x_BxI):
         for layer in self.hidden:
-            x_BxI = self.dropout(nnx.relu(layer(x_BxI)))
-        return self.out(x_BxI)
+            x_BxI = self.dropout(nnx.relu(linear(layer, x_BxI)))
+        return linear(self.out, x_BxI)
 
 
 def pool_history(emb_BxLxE, history_BxL, pooling: str, decay: float):

@@ -4,11 +4,30 @@ ValueError naming both shapes when they disagree."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from recsys.models import layers
+
+# Set by the train step (train.logits_chunk): rows of the logits sampled_softmax_loss computes at
+# once when its caller does not say.
+_ROW_CHUNK: contextvars.ContextVar = contextvars.ContextVar("row_chunk", default=0)
+
+
+@contextlib.contextmanager
+def chunked_logits(rows: int):
+    """Within the block, sampled_softmax_loss computes about `rows` logits rows at a time."""
+    token = _ROW_CHUNK.set(rows)
+    try:
+        yield
+    finally:
+        _ROW_CHUNK.reset(token)
+
 
 # Large negative instead of -inf so that an all-masked row still has a finite softmax.
 MASK_VALUE = -1e9
@@ -35,7 +54,16 @@ def in_batch_logits(q_BxD, c_NxD, temperature):
     _check_vectors(q_BxD, c_NxD)
     if len(_shape(c_NxD)) != 2:
         raise ValueError(f"c_NxD {_shape(c_NxD)} must be [N, D] (q_BxD {_shape(q_BxD)})")
-    return jnp.einsum("bd,nd->bn", q_BxD, c_NxD) / temperature
+    return _scores("bd,nd->bn", q_BxD, c_NxD) / temperature
+
+
+def _scores(spec: str, q, c):
+    """einsum(spec, q, c); with a compute dtype set (train.compute_dtype) the products are in
+    that dtype and accumulate into float32 logits."""
+    dtype = layers.matmul_dtype()
+    if dtype is None:
+        return jnp.einsum(spec, q, c)
+    return jnp.einsum(spec, q.astype(dtype), c.astype(dtype), preferred_element_type=jnp.float32)
 
 
 def logq_correct(logits_BxN, log_q_N):
@@ -115,7 +143,7 @@ def per_row_logits(q_BxD, c_BxHxD, temperature):
     c = _shape(c_BxHxD)
     if len(c) != 3 or c[0] != _shape(q_BxD)[0]:
         raise ValueError(f"c_BxHxD {c} must be [B, H, D] for q_BxD {_shape(q_BxD)}")
-    return jnp.einsum("bd,bhd->bh", q_BxD, c_BxHxD) / temperature
+    return _scores("bd,bhd->bh", q_BxD, c_BxHxD) / temperature
 
 
 def mask_positive_and_padding(logits_BxN, item_B, candidate_items, remove_accidental_hits=True):
@@ -194,7 +222,7 @@ def source_logits(q_BxD, item_B, source: NegativeSource, temperature,
 
 def sampled_softmax_loss(q_BxD, c_BxD, temperature, item_B, *, log_q_B=None,
                          extra: tuple[NegativeSource, ...] = (), hard_negatives: int = 0,
-                         remove_accidental_hits=True):
+                         remove_accidental_hits=True, row_chunk: int | None = None):
     """Sampled softmax over in-batch negatives plus extra sources (mixed negative sampling).
 
     Row i's positive is column i of the in-batch block. Each source's logits are corrected by
@@ -210,6 +238,11 @@ def sampled_softmax_loss(q_BxD, c_BxD, temperature, item_B, *, log_q_B=None,
       log_q_B: log q of each in-batch candidate, or None for no correction.
       extra: further negative sources, each corrected by its own log_q and masked.
       hard_negatives: keep only this many highest-scoring negatives per row (0 = all).
+      row_chunk: compute the logits of about this many rows at a time and recompute them in
+        the backward pass (0 = all rows at once; None = as `chunked_logits` set, else 0).
+        Every row's loss depends only on its own
+        logits row, so the result is the same; the whole [B, N] matrix never exists, which
+        at large B saves the memory traffic that dominates the step.
 
     Returns:
       The mean cross-entropy over rows.
@@ -224,14 +257,59 @@ def sampled_softmax_loss(q_BxD, c_BxD, temperature, item_B, *, log_q_B=None,
     _check_rows("item_B", item_B, q[:1], f"q_BxD {q}")
     if log_q_B is not None:
         _check_rows("log_q_B", log_q_B, q[:1], f"q_BxD {q}")
-    logits_BxB = in_batch_logits(q_BxD, c_BxD, temperature)
-    if log_q_B is not None:
-        logits_BxB = logq_correct(logits_BxB, log_q_B)
-    labels_B = jnp.arange(q_BxD.shape[0])
-    if remove_accidental_hits:
-        logits_BxB = mask_accidental_hits(logits_BxB, labels_B, item_B, item_B)
-    blocks = [logits_BxB] + [source_logits(q_BxD, item_B, s, temperature, remove_accidental_hits)
-                             for s in extra]
-    logits_BxN = jnp.concatenate(blocks, axis=1) if len(blocks) > 1 else logits_BxB
-    logits_BxN = keep_hardest_negatives(logits_BxN, labels_B, hard_negatives)
-    return softmax_cross_entropy(logits_BxN, labels_B)
+    for s in extra:  # shapes checked once, before any chunking
+        _check_source(q_BxD, s)
+
+    def row_nll(q_RxD, labels_R, item_R, row_extra):
+        """Cross-entropy of R rows (labels_R: their columns in the in-batch block)."""
+        logits_RxB = in_batch_logits(q_RxD, c_BxD, temperature)
+        if log_q_B is not None:
+            logits_RxB = logq_correct(logits_RxB, log_q_B)
+        if remove_accidental_hits:
+            logits_RxB = mask_accidental_hits(logits_RxB, labels_R, item_R, item_B)
+        blocks = [logits_RxB] + [source_logits(q_RxD, item_R, s, temperature,
+                                               remove_accidental_hits) for s in row_extra]
+        logits_RxN = jnp.concatenate(blocks, axis=1) if len(blocks) > 1 else logits_RxB
+        logits_RxN = keep_hardest_negatives(logits_RxN, labels_R, hard_negatives)
+        log_p_RxN = jax.nn.log_softmax(logits_RxN, axis=-1)
+        return -jnp.take_along_axis(log_p_RxN, labels_R[:, None], axis=1)[:, 0]
+
+    b = q_BxD.shape[0]
+    labels_B = jnp.arange(b)
+    chunks = _num_chunks(b, _ROW_CHUNK.get() if row_chunk is None else row_chunk)
+    if chunks == 1:
+        return row_nll(q_BxD, labels_B, item_B, extra).mean()
+    # Chunk i holds rows i, i + m, i + 2m, ...: a [B] axis split over devices in contiguous
+    # blocks stays split the same way inside every chunk, so no chunk gathers rows.
+    def split(x):
+        return jnp.swapaxes(x.reshape(b // chunks, chunks, *x.shape[1:]), 0, 1)
+
+    per_row = [i for i, s in enumerate(extra) if s.c.ndim == 3]  # [B, H, D] sources: split too
+    rows = (split(q_BxD), split(labels_B), split(item_B),
+            [(split(extra[i].c), split(extra[i].items),
+              None if extra[i].log_q is None else split(extra[i].log_q)) for i in per_row])
+
+    @jax.checkpoint
+    def chunk_nll(args):
+        q_RxD, labels_R, item_R, row_parts = args
+        row_extra = list(extra)
+        for i, (c, items, log_q) in zip(per_row, row_parts):
+            row_extra[i] = NegativeSource(c, items, log_q)
+        return row_nll(q_RxD, labels_R, item_R, tuple(row_extra))
+
+    return jax.lax.map(chunk_nll, rows).mean()
+
+
+def _num_chunks(b: int, row_chunk: int) -> int:
+    """m, the number of row chunks: the smallest divisor of B with B / m <= row_chunk."""
+    if row_chunk <= 0 or b <= row_chunk:
+        return 1
+    return next(m for m in range(-(-b // row_chunk), b + 1) if b % m == 0)
+
+
+def _check_source(q_BxD, source: NegativeSource) -> None:
+    c, items = _shape(source.c), _shape(source.items)
+    if items != c[:-1]:
+        raise ValueError(f"negative items {items} must match their vectors {c} without D")
+    if len(c) == 3 and c[0] != _shape(q_BxD)[0]:
+        raise ValueError(f"c_BxHxD {c} must be [B, H, D] for q_BxD {_shape(q_BxD)}")

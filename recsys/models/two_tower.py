@@ -144,4 +144,5 @@ class TwoTower(nnx.Module):
 
 
 def _normalize(x_BxD):
+    x_BxD = x_BxD.astype(jnp.float32)  # the norm accumulates in float32 (bf16 towers too)
     return x_BxD / jnp.sqrt(jnp.maximum(jnp.sum(x_BxD * x_BxD, axis=-1, keepdims=True), 1e-12))

@@ -8,6 +8,7 @@ import pathlib
 import time
 
 import jax
+import numpy as np
 
 from recsys import config as config_lib
 from recsys import sharding
@@ -18,7 +19,7 @@ from recsys.eval import protocol
 from recsys.metrics_log import MetricsLog
 from recsys.models.two_tower import TwoTower, Vocabularies
 from recsys.progress import Progress
-from recsys.train import checkpoint, mining, negatives, steps
+from recsys.train import checkpoint, mining, negatives, prefetch, steps
 from recsys.train import state as state_lib
 
 CHECKPOINTS = pathlib.Path("checkpoints") / "retrieval"  # inside a workdir
@@ -52,7 +53,7 @@ def load_retrieval(cfg: Config, ds: Dataset, workdir: pathlib.Path,
     corrupt checkpoint raises checkpoint.CheckpointError.
     """
     vocab = vocabularies(ds)
-    graphdef, abstract = state_lib.abstract(*_state_parts(cfg, vocab), cfg.train.seed, mesh)
+    graphdef, abstract = state_lib.abstract(*state_parts(cfg, vocab), cfg.train.seed, mesh)
     state, meta = checkpoint.load_trained(pathlib.Path(workdir) / CHECKPOINTS, abstract,
                                           _checkpoint_meta(cfg, vocab),
                                           num_steps=cfg.train.num_steps)
@@ -64,10 +65,12 @@ def load_retrieval(cfg: Config, ds: Dataset, workdir: pathlib.Path,
     return Trained(graphdef, state, metrics)
 
 
-def _state_parts(cfg: Config, vocab: Vocabularies):
+def state_parts(cfg: Config, vocab: Vocabularies):
     """(build_model, optimizers): what state.create builds and state.abstract describes."""
+    tc = cfg.train
+    lookups = tc.batch_size * (1 + vocab.history_len + tc.mined_negatives) + tc.uniform_negatives
     return (lambda rngs: TwoTower(cfg.model, vocab, rngs),
-            state_lib.make_optimizer(cfg.train, logq_rows=vocab.num_items))
+            state_lib.make_optimizer(tc, logq_rows=vocab.num_items, lookups_per_step=lookups))
 
 
 def _checkpoint_meta(cfg: Config, vocab: Vocabularies) -> dict:
@@ -82,6 +85,12 @@ def train_retrieval(cfg: Config, ds: Dataset, workdir: pathlib.Path, mesh: jax.s
 
     Scalars go to `log` under `stage` (default: a MetricsLog of workdir, closed at the end);
     progress is reported as `stage`.
+
+    The host never waits for the device between steps: batches are built and placed on the
+    mesh train.prefetch steps ahead on a background thread, train.steps_per_call steps run per
+    jitted call, and a step's loss is read only after the next call is dispatched. The run
+    stops at the steps where it must see the state (mining, validation, checkpoints), so what
+    it computes is the same as one step at a time.
     """
     tc = cfg.train
     # Data: training targets and a batch order that is a pure function of (seed, step).
@@ -93,11 +102,11 @@ def train_retrieval(cfg: Config, ds: Dataset, workdir: pathlib.Path, mesh: jax.s
 
     # Model and optimizer, born sharded on the mesh.
     vocab = vocabularies(ds)
-    graphdef, state, shardings = state_lib.create(*_state_parts(cfg, vocab), tc.seed, mesh)
+    graphdef, state, shardings = state_lib.create(*state_parts(cfg, vocab), tc.seed, mesh)
 
     # Resume order: (1) this workdir's latest verified checkpoint, (2) fresh init.
     mngr = checkpoint.make_manager(workdir / CHECKPOINTS, tc)
-    with contextlib.ExitStack() as closing:  # closed on errors too: no orbax threads left behind
+    with contextlib.ExitStack() as closing:  # closed on errors too: no threads left behind
         closing.enter_context(contextlib.closing(mngr))
         if log is None:
             log = closing.enter_context(MetricsLog(workdir))
@@ -111,6 +120,8 @@ def train_retrieval(cfg: Config, ds: Dataset, workdir: pathlib.Path, mesh: jax.s
         stopped = bool(meta.get("early_stopped", False))
 
         train_step = steps.make_train_step(graphdef, steps.retrieval_loss, tc, shardings, mesh)
+        multi_step = (steps.make_multi_step(graphdef, steps.retrieval_loss, tc, shardings, mesh)
+                      if tc.steps_per_call > 1 else None)
         rows = sharding.process_rows(mesh, tc.batch_size)  # this process reads only its rows
 
         # Negatives (recsys/train/negatives.py): in-batch ones with their log q, uniform ones
@@ -122,15 +133,45 @@ def train_retrieval(cfg: Config, ds: Dataset, workdir: pathlib.Path, mesh: jax.s
             miner.restore(steps.model_of(graphdef, state), start)
         sampler = negatives.Sampler(ds, positions, tc, mesh, miner)
 
-        def batch_at(step):
+        def host_batch(step):
             positions_B = order.at(step)[rows]
             batch = example_inputs(ds, positions_B)
             batch["negatives"] = sampler.at(step, positions_B, batch["item"])
-            return sharding.shard_batch(batch, mesh)
+            return batch
 
-        # Loop: step, log, evaluate on validation (early stopping), checkpoint.
+        def placed(call):  # call: (first step, steps) -> the call's batches on the mesh
+            first, n = call
+            if n == 1:
+                return sharding.shard_batch(host_batch(first), mesh)
+            stacked = jax.tree.map(lambda *xs: np.stack(xs), *map(host_batch, range(first, first + n)))
+            return sharding.shard_batch(stacked, mesh, stacked=True)
+
+        def segment_end(step):  # the next step at which the loop must see the state
+            ends = [tc.num_steps]
+            for every in (tc.eval_every, tc.checkpoint_every, miner.period if miner else 0):
+                if every:
+                    ends.append((step // every + 1) * every)
+            return min(ends)
+
+        # Loop: segments of jitted calls, then at the segment's end: log, validate (early
+        # stopping), checkpoint, re-mine.
         best = {"hr@10": -1.0, "step": start, "state": None, "bad_evals": 0}
-        timed_examples, timed_seconds, step = 0, 0.0, start
+        clock = closing.enter_context(contextlib.closing(prefetch.StepClock()))
+        timing = {"input": 0.0, "wait": 0.0, "compile": 0.0, "examples": 0, "t0": None}
+        pending: list = []  # (step, losses of its call, index in them): logged one call behind
+
+        def write_logs(upto: int) -> None:  # logs pending entries of calls before `upto`
+            nonlocal loss
+            while pending and pending[0][0] <= upto:
+                s, losses, at = pending.pop(0)
+                loss = float(losses[at] if losses.ndim else losses)
+                ex_s = (timing["examples"] / (time.perf_counter() - timing["t0"])
+                        if timing["t0"] else 0.0)
+                progress.set_postfix(loss=f"{loss:.4f}", ex_s=f"{ex_s:.0f}")
+                log.write(stage, s, {"train/loss": loss, "train/examples_per_sec": ex_s,
+                                     "train/learning_rate": tc.learning_rate})
+
+        step, last = start, None
         if start < tc.num_steps and not stopped:
             log.begin(stage, start + 1)  # what was logged up to the checkpoint's step stands
         progress = closing.enter_context(Progress(stage, tc.num_steps, initial=start))
@@ -138,21 +179,28 @@ def train_retrieval(cfg: Config, ds: Dataset, workdir: pathlib.Path, mesh: jax.s
             while step < tc.num_steps and not stopped:
                 if miner is not None and miner.due(step):
                     miner.refresh(steps.model_of(graphdef, state), step)
-                batch = batch_at(step)
-                t0 = time.perf_counter()
-                state, loss_arr = train_step(state, batch)
-                step += 1
-                progress.update(1)
-                if step > start + 1:  # the first step compiles
-                    loss_arr.block_until_ready()
-                    timed_seconds += time.perf_counter() - t0
-                    timed_examples += tc.batch_size
-                if step % tc.log_every == 0 or step == tc.num_steps:
-                    loss = float(loss_arr)
-                    ex_s = timed_examples / max(timed_seconds, 1e-9)
-                    progress.set_postfix(loss=f"{loss:.4f}", ex_s=f"{ex_s:.0f}")
-                    log.write(stage, step, {"train/loss": loss, "train/examples_per_sec": ex_s,
-                                            "train/learning_rate": tc.learning_rate})
+                calls = _calls(step, segment_end(step), tc.steps_per_call)
+                with prefetch.Prefetcher(placed, calls, tc.prefetch) as batches:
+                    for (first, n), batch in batches:
+                        if n == 1:
+                            state, last = train_step(state, batch)
+                        else:
+                            state, last = multi_step(state, batch)
+                        clock.started(last, n)
+                        write_logs(first)  # the previous call's losses: ready or nearly
+                        step = first + n
+                        progress.update(n)
+                        pending.extend((s, last, s - first - 1 if n > 1 else ())
+                                       for s in range(first + 1, step + 1)
+                                       if s % tc.log_every == 0 or s == tc.num_steps)
+                        if timing["t0"] is None:  # the first call compiles: timed apart
+                            last.block_until_ready()
+                            timing["t0"] = time.perf_counter()
+                        else:
+                            timing["examples"] += n * tc.batch_size
+                    timing["input"] += batches.build_seconds
+                    timing["wait"] += batches.wait_seconds
+                write_logs(step)
                 if tc.eval_every and (step % tc.eval_every == 0 or step == tc.num_steps):
                     stop, val = _evaluate_and_keep_best(cfg.eval, tc.early_stopping_patience, ds,
                                                         graphdef, state, step, best)
@@ -165,10 +213,11 @@ def train_retrieval(cfg: Config, ds: Dataset, workdir: pathlib.Path, mesh: jax.s
                         stopped = True
                         break
                 if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < tc.num_steps:
-                    checkpoint.save(mngr, step, state, {**expected, "step": step, "loss": float(loss_arr)})
+                    checkpoint.save(mngr, step, state, {**expected, "step": step,
+                                                        "loss": _last_loss(last)})
                     log.flush()
             if step > start:
-                loss = float(loss_arr)
+                loss = _last_loss(last)
                 validated = {}
                 if best["state"] is not None:  # keep the best validated state
                     state = best["state"]
@@ -177,8 +226,16 @@ def train_retrieval(cfg: Config, ds: Dataset, workdir: pathlib.Path, mesh: jax.s
                                                     "early_stopped": stopped, **validated})
             checkpoint.wait(mngr)
             log.flush()
+        seconds = time.perf_counter() - timing["t0"] if timing["t0"] else 0.0
     metrics = {"train/steps": step, "train/final_loss": loss,
-               "train/examples_per_sec": timed_examples / timed_seconds if timed_seconds else 0.0,
+               # End to end: every second after the first (compiling) call, input, logging,
+               # validation and checkpoints included.
+               "train/examples_per_sec": timing["examples"] / seconds if seconds else 0.0,
+               "train/device_examples_per_sec": (clock.steps * tc.batch_size / clock.busy_seconds
+                                                 if clock.busy_seconds else 0.0),
+               "train/seconds": seconds,
+               "train/host_input_seconds": timing["input"],
+               "train/input_wait_seconds": timing["wait"],
                "eval/trained_on": cfg.data.trained_on}
     if best["state"] is not None:
         metrics["train/best_val_hr@10"] = best["hr@10"]
@@ -187,6 +244,22 @@ def train_retrieval(cfg: Config, ds: Dataset, workdir: pathlib.Path, mesh: jax.s
         metrics["train/best_val_hr@10"] = meta["best_val_hr@10"]
         metrics["train/best_step"] = meta["best_step"]
     return Trained(graphdef, state, metrics)
+
+
+def _calls(start: int, end: int, k: int) -> list[tuple[int, int]]:
+    """(first step, steps) of the jitted calls from `start` to `end`: k steps per call, single
+    steps for the remainder (two compiled shapes only)."""
+    calls, step = [], start
+    while step < end:
+        n = k if step + k <= end else 1
+        calls.append((step, n))
+        step += n
+    return calls
+
+
+def _last_loss(losses) -> float:
+    """The loss of the last step of a call's output (a scalar, or [k] for k steps)."""
+    return float(losses[-1] if losses.ndim else losses)
 
 
 def _evaluate_and_keep_best(ec: EvalConfig, patience: int, ds: Dataset, graphdef, state,

@@ -28,14 +28,33 @@ class Optimizers:
     logq: StreamingLogQ | None = None
 
 
+def embedding_rule(cfg: TrainConfig, table_rows: int = 0, lookups_per_step: int = 0) -> str:
+    """The table update train.embedding_optimizer asks for, with "auto" resolved.
+
+    auto: a sparse row update pays for the rows a step looks up (a sort, a gather and a scatter
+    of them), a dense optax update for every row of the table; so sparse when the table has
+    more rows than one step looks up (lazy_adam after adam, rowwise_adagrad otherwise; sgd
+    stays dense, its update of an untouched row is zero anyway), dense otherwise or when the
+    sizes are not given. benchmarks/throughput.py measures the crossover.
+    """
+    rule = cfg.embedding_optimizer
+    if rule != "auto":
+        return rule
+    if cfg.optimizer == "sgd" or not 0 < lookups_per_step < table_rows:
+        return "dense"
+    return "lazy_adam" if cfg.optimizer == "adam" else "rowwise_adagrad"
+
+
 def make_optimizer(cfg: TrainConfig, learning_rate: float | None = None, *,
-                   logq_rows: int = 0) -> Optimizers:
+                   logq_rows: int = 0, lookups_per_step: int = 0) -> Optimizers:
     """The optimizers a TrainConfig asks for (its fields' ranges are checked by TrainConfig).
 
     Args:
       learning_rate: of the dense layers (default cfg.learning_rate).
       logq_rows: item vocabulary rows, when this model is trained with the retrieval loss and
         cfg.logq_estimate == "streaming" (0 = no streaming estimate, e.g. for the ranker).
+      lookups_per_step: item-table lookups of one global step, with logq_rows the sizes that
+        embedding_optimizer="auto" decides by (`embedding_rule`; none given: dense).
     """
     lr = cfg.learning_rate if learning_rate is None else learning_rate
     if cfg.optimizer == "adam":
@@ -45,8 +64,9 @@ def make_optimizer(cfg: TrainConfig, learning_rate: float | None = None, *,
     else:
         dense = optax.sgd(lr)
     rows = None
-    if cfg.embedding_optimizer != "dense":
-        rows = sparse.ROW_OPTIMIZERS[cfg.embedding_optimizer](cfg.embedding_learning_rate or lr)
+    rule = embedding_rule(cfg, logq_rows, lookups_per_step)
+    if rule != "dense":
+        rows = sparse.ROW_OPTIMIZERS[rule](cfg.embedding_learning_rate or lr)
     logq = None
     if cfg.logq_correction and cfg.logq_estimate == "streaming" and logq_rows > 0:
         buckets = layers.padded_rows(cfg.logq_buckets or logq_rows)

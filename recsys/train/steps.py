@@ -7,6 +7,7 @@ from flax import nnx
 
 from recsys import sharding
 from recsys.config import TrainConfig
+from recsys.models import layers, losses
 from recsys.train import sparse
 from recsys.train.negatives import Negatives
 
@@ -32,8 +33,46 @@ def make_train_step(graphdef, loss_fn, cfg: TrainConfig, state_shardings, mesh):
     w.r.t. the rows the batch looked up and are updated sparsely (recsys/train/sparse.py); other
     parameters, and all of them otherwise, are updated by optax.
     """
+    step = step_fn(graphdef, loss_fn, cfg)
+    batch_sharding = jax.sharding.NamedSharding(mesh, sharding.batch_spec())
+    return jax.jit(step, in_shardings=(state_shardings, batch_sharding),
+                   out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+
+
+def make_multi_step(graphdef, loss_fn, cfg: TrainConfig, state_shardings, mesh):
+    """jit(steps)(state, batches) -> (state, losses [k]): k steps in one call, a lax.scan over
+    batches stacked along a leading axis (sharding.shard_batch(..., stacked=True)).
+
+    The same arithmetic as k calls of `make_train_step`'s step; one dispatch instead of k, which
+    matters when a step takes about as long as launching it (small batches, many devices).
+    """
+    step = step_fn(graphdef, loss_fn, cfg)
+
+    def steps(state, batches):
+        return jax.lax.scan(step, state, batches)
+
+    stacked = jax.sharding.NamedSharding(mesh, sharding.batch_spec(stacked=True))
+    return jax.jit(steps, in_shardings=(state_shardings, stacked),
+                   out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+
+
+def logits_chunk(cfg: TrainConfig) -> int:
+    """Rows of the retrieval logits computed at once (train.logits_chunk; 0 = whole below 2048
+    examples per step, else 512)."""
+    if cfg.logits_chunk:
+        return cfg.logits_chunk
+    return 0 if cfg.batch_size < 2048 else 512
+
+
+def step_fn(graphdef, loss_fn, cfg: TrainConfig):
+    """The pure step (state, batch) -> (state, loss) that the jitted calls above wrap."""
+    row_chunk = logits_chunk(cfg)
 
     def step(state, batch):
+        with layers.compute_dtype(cfg.compute_dtype), losses.chunked_logits(row_chunk):
+            return one_step(state, batch)
+
+    def one_step(state, batch):
         model, opt, logq = nnx.merge(graphdef, state)
         model.train()
         count = opt.step[...] + 1  # 1-based number of this step
@@ -52,9 +91,7 @@ def make_train_step(graphdef, loss_fn, cfg: TrainConfig, state_shardings, mesh):
         opt.update(model, grads)
         return nnx.state((model, opt, logq)), loss
 
-    batch_sharding = jax.sharding.NamedSharding(mesh, sharding.batch_spec())
-    return jax.jit(step, in_shardings=(state_shardings, batch_sharding),
-                   out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+    return step
 
 
 def model_of(graphdef, state, *, deterministic: bool = True):
