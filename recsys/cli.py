@@ -87,6 +87,16 @@ grouped by section, with its value, its default and what it means. Fields that d
 the default are marked with *. Writes nothing.""",
                ("recsys config --config configs/movielens.py "
                 "--set data.path=../shared/data/ml-latest-small")),
+    "prepare": ("""\
+Materialise the config's training examples once (each training event with its history, time
+context, user and item features, in training order) so that training reads them a batch at a
+time with Grain instead of building them in memory: `--set data.prepared=OUT` on recsys train.
+With --beam, TFDS's Apache Beam pipeline writes them (DirectRunner here; Dataflow, Flink or
+Spark through --beam-options; needs recsys[beam]).
+
+Writes OUT/spec.json, OUT/tables.npz and OUT/recsys_examples/1.0.0/ (TFDS ArrayRecord shards),
+under OUT.tmp renamed to OUT when complete. Prints the counts.""",
+                "recsys prepare --config configs/quickstart.py --out runs/prepared/quickstart"),
     "report": ("""\
 Draw pictures of a run as PNG files: training curves (from metrics.jsonl), HR@K of retrieval
 and the pipeline against the popularity baseline, the index's recall@10 against queries per
@@ -126,6 +136,18 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--num-items", type=int, metavar="N",
                       help="plan for N items (with --num-users) instead of the config's data")
     plan.add_argument("--num-users", type=int, metavar="U", help="users, with --num-items")
+    prep = sub.add_parser("prepare", help="write the training examples as ArrayRecord shards (Grain)")
+    prep.add_argument("--config", required=True, help="Python file with get_config()")
+    prep.add_argument("--out", required=True,
+                      help="directory to write (an existing one must be empty or prepared)")
+    prep.add_argument("--beam", action="store_true",
+                      help="write with TFDS's Apache Beam pipeline (needs recsys[beam])")
+    prep.add_argument("--beam-options", default="", metavar="FLAGS",
+                      help="Beam pipeline options with --beam, e.g. '--runner=DataflowRunner "
+                           "--project=P --region=R --temp_location=gs://B/tmp' (default: "
+                           "--runner=DirectRunner)")
+    prep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config field, e.g. --set data.num_users=100000 (repeatable)")
     idx = sub.add_parser("index", help="rebuild the index of an artifacts directory")
     idx.add_argument("--artifacts", required=True, help="artifacts root (WORKDIR/artifacts)")
     idx.add_argument("--set", action="append", default=[], metavar="index.KEY=VALUE",
@@ -254,6 +276,32 @@ def cmd_plan(args) -> int:
         print(plan.format_plan(plan.for_sizes(cfg, args.num_users, args.num_items, mesh)))
         return 0
     print(plan.format_plan(plan.for_dataset(cfg, pipeline.load_data(cfg.data), mesh)))
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    import shlex
+
+    from recsys import config as config_lib
+    from recsys.data import prepare
+    if args.beam_options and not args.beam:
+        print("recsys prepare: error: --beam-options needs --beam", file=sys.stderr)
+        return 2
+    beam_options = None
+    if args.beam:
+        try:
+            import apache_beam  # noqa: F401
+        except ImportError:
+            print("recsys prepare: error: --beam needs Apache Beam: pip install 'recsys[beam]'",
+                  file=sys.stderr)
+            return 2
+        beam_options = shlex.split(args.beam_options) or ["--runner=DirectRunner"]
+    cfg = config_lib.apply_overrides(config_lib.load(args.config), args.set)
+    out = prepare.prepare(cfg.data, args.out, beam_options=beam_options)
+    spec = json.loads((out / prepare.SPEC).read_text())
+    print(f"{spec['num_examples']} training examples of {spec['dataset']} ({spec['num_events']} "
+          f"events, {spec['num_users']} users, {spec['num_items']} items) written to {out}")
+    print(f"train from them with --set data.prepared={out}")
     return 0
 
 
@@ -433,7 +481,7 @@ def _summary(metrics: dict, workdir: pathlib.Path) -> None:
 
 
 COMMANDS = {"pipeline": cmd_pipeline, "train": cmd_train, "export": cmd_export, "eval": cmd_eval,
-            "plan": cmd_plan, "index": cmd_index, "serve": cmd_serve,
+            "plan": cmd_plan, "prepare": cmd_prepare, "index": cmd_index, "serve": cmd_serve,
             "serve-http": cmd_serve_http, "config": cmd_config, "report": cmd_report}
 
 if __name__ == "__main__":

@@ -217,7 +217,7 @@ class TrainConfig(_Section):
     steps_per_call: int = 1  # steps per jitted call (a lax.scan over stacked batches)
     compute_dtype: Literal["float32", "bfloat16"] = "float32"  # tower matmuls and logits
     # Rows of the [B, N] logits computed at once, recomputed in the backward pass (0 = all rows
-    # at once below 2048 examples, else 512): the whole matrix never exists in memory.
+    # below 2048 examples, else a ~2 MiB block: 64 rows at B=8192): the whole matrix never exists.
     logits_chunk: int = 0
 
     def _check(self) -> None:

@@ -5,7 +5,7 @@ import pytest
 
 from recsys.config import DataConfig
 from recsys.data import dataset
-from recsys.data.batches import BatchOrder, example_inputs
+from recsys.data.batches import BatchOrder, example_indices, example_inputs, shuffled
 from recsys.data.schema import DataError, ItemInfo, RawData
 from recsys.data.vocab import Vocab
 
@@ -92,6 +92,32 @@ def test_batch_order_is_seeded_resumable_and_covers_each_epoch():
     assert not np.array_equal(BatchOrder(positions, 32, seed=4).at(0), first[0])
     halves = np.concatenate([a.at(5, 0, 2), a.at(5, 1, 2)])
     np.testing.assert_array_equal(halves, first[5])
+    rows = np.array([31, 0, 7])  # any rows, e.g. sharding.process_rows on a TPU topology
+    np.testing.assert_array_equal(a.at(5, rows=rows), first[5][rows])
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 16, 17, 255, 1000, 4097])
+def test_shuffled_is_a_permutation_per_seed_and_epoch(n):
+    perms = {(seed, epoch): shuffled(np.arange(n), n, seed, epoch)
+             for seed in (0, 1) for epoch in (0, 1)}
+    for p in perms.values():
+        assert p.dtype == np.int64 and sorted(p.tolist()) == list(range(n))
+    if n >= 255:  # other seeds and epochs give other orders; no index stays near its place
+        assert len({p.tobytes() for p in perms.values()}) == 4
+        p = perms[(0, 0)]
+        assert abs(np.corrcoef(np.arange(n), p)[0, 1]) < 0.1
+    # Any subset of indices, in any order, is mapped alone (no state, no n-sized table).
+    sub = np.array([n - 1, 0, n // 2])
+    np.testing.assert_array_equal(shuffled(sub, n, 1, 1), perms[(1, 1)][sub])
+
+
+def test_batches_cross_epoch_boundaries_without_repeats_inside_an_epoch():
+    n, b = 10, 4  # batch 2 holds the last 2 examples of epoch 0 and the first 2 of epoch 1
+    flat = np.concatenate([example_indices(s, np.arange(b), b, n, seed=3) for s in range(5)])
+    assert sorted(flat[:10].tolist()) == list(range(10))
+    assert sorted(flat[10:20].tolist()) == list(range(10))
+    assert not np.array_equal(flat[:10], flat[10:20])
+    np.testing.assert_array_equal(flat[10:20], shuffled(np.arange(10), n, 3, 1))
 
 
 def test_example_inputs_shapes():

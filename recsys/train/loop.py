@@ -15,6 +15,7 @@ from recsys import sharding
 from recsys.config import Config, EvalConfig
 from recsys.data.batches import BatchOrder, example_inputs
 from recsys.data.dataset import Dataset
+from recsys.data.schema import DataError
 from recsys.eval import protocol
 from recsys.metrics_log import MetricsLog
 from recsys.models.two_tower import TwoTower, Vocabularies
@@ -133,11 +134,30 @@ def train_retrieval(cfg: Config, ds: Dataset, workdir: pathlib.Path, mesh: jax.s
             miner.restore(steps.model_of(graphdef, state), start)
         sampler = negatives.Sampler(ds, positions, tc, mesh, miner)
 
+        # Examples: built here from the Dataset, or read with Grain from `recsys prepare`'s
+        # ArrayRecord shards (data.prepared): the same examples in the same rows either way.
+        reader = None
+        if cfg.data.prepared:
+            reader = closing.enter_context(_prepared_reader(cfg, len(positions), rows, start))
+            if "input" in meta:  # refuses a checkpoint whose steps meant other batches
+                reader.set_state(meta["input"])
+
         def host_batch(step):
-            positions_B = order.at(step)[rows]
-            batch = example_inputs(ds, positions_B)
+            if reader is None:
+                positions_B = order.at(step)[rows]
+                batch = example_inputs(ds, positions_B)
+            else:
+                read = next(reader)
+                if read.step != step:
+                    raise RuntimeError(f"the prepared-data reader is at step {read.step}, "
+                                       f"the loop at {step}")
+                positions_B, batch = read.positions, dict(read.inputs)
             batch["negatives"] = sampler.at(step, positions_B, batch["item"])
             return batch
+
+        def meta_at(step):  # what a checkpoint at `step` records besides the model
+            meta = {**expected, "step": step}
+            return {**meta, "input": reader.state_at(step)} if reader is not None else meta
 
         def placed(call):  # call: (first step, steps) -> the call's batches on the mesh
             first, n = call
@@ -213,8 +233,7 @@ def train_retrieval(cfg: Config, ds: Dataset, workdir: pathlib.Path, mesh: jax.s
                         stopped = True
                         break
                 if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < tc.num_steps:
-                    checkpoint.save(mngr, step, state, {**expected, "step": step,
-                                                        "loss": _last_loss(last)})
+                    checkpoint.save(mngr, step, state, {**meta_at(step), "loss": _last_loss(last)})
                     log.flush()
             if step > start:
                 loss = _last_loss(last)
@@ -222,7 +241,7 @@ def train_retrieval(cfg: Config, ds: Dataset, workdir: pathlib.Path, mesh: jax.s
                 if best["state"] is not None:  # keep the best validated state
                     state = best["state"]
                     validated = {"best_val_hr@10": best["hr@10"], "best_step": best["step"]}
-                checkpoint.save(mngr, step, state, {**expected, "step": step, "loss": loss,
+                checkpoint.save(mngr, step, state, {**meta_at(step), "loss": loss,
                                                     "early_stopped": stopped, **validated})
             checkpoint.wait(mngr)
             log.flush()
@@ -244,6 +263,24 @@ def train_retrieval(cfg: Config, ds: Dataset, workdir: pathlib.Path, mesh: jax.s
         metrics["train/best_val_hr@10"] = meta["best_val_hr@10"]
         metrics["train/best_step"] = meta["best_step"]
     return Trained(graphdef, state, metrics)
+
+
+def _prepared_reader(cfg: Config, num_examples: int, rows: np.ndarray, start: int):
+    """A Grain reader of cfg.data.prepared's examples: this process's rows from step `start`.
+
+    The directory must have been prepared from these data fields (else DataError) and hold
+    the training examples the Dataset gives (their count is checked). Its state is the step:
+    a checkpoint records `state_at(step)`, and resuming starts the reader at that step.
+    """
+    from recsys.data.grain_input import PreparedData  # Grain and TFDS only when asked for
+
+    data = PreparedData.open(cfg.data.prepared, expect=cfg.data)
+    if data.num_examples != num_examples:
+        raise DataError(f"{cfg.data.prepared} holds {data.num_examples} training examples, but "
+                        f"the data gives {num_examples}; prepare it again with this config")
+    tc = cfg.train
+    return data.batches(tc.batch_size, tc.seed, rows=rows, start_step=start,
+                        num_steps=tc.num_steps, prefetch=max(tc.prefetch, 1))
 
 
 def _calls(start: int, end: int, k: int) -> list[tuple[int, int]]:
