@@ -44,7 +44,7 @@ def run(cfg, ds, workdir):
 def test_prefetch_and_steps_per_call_compute_what_one_step_at_a_time_does(tiny_data, tmp_path):
     """Same final loss and parameters: batches built ahead on a thread, 4 steps per jitted call
     (a lax.scan; the remainder of 22 steps runs as single steps), against the plain loop."""
-    base = dict(num_steps=22, log_every=5, optimizer="adam")
+    base = {"num_steps": 22, "log_every": 5, "optimizer": "adam"}
     plain, plain_params = run(tiny(prefetch=0, steps_per_call=1, **base), tiny_data, tmp_path / "a")
     fast, fast_params = run(tiny(prefetch=3, steps_per_call=4, **base), tiny_data, tmp_path / "b")
     assert fast["train/steps"] == plain["train/steps"] == 22
