@@ -144,7 +144,7 @@ def train_retrieval(cfg: Config, ds: Dataset, workdir: pathlib.Path, mesh: jax.s
 
         def host_batch(step):
             if reader is None:
-                positions_B = order.at(step)[rows]
+                positions_B = order.at(step, rows=rows)
                 batch = example_inputs(ds, positions_B)
             else:
                 read = next(reader)
