@@ -225,3 +225,20 @@ def test_scann_searcher_rejects_empty_index():
     items_NxD, _ = _small(n=4)
     with pytest.raises(ValueError, match="no rows"):
         ScannSearcher(items_NxD, ScannParams(mode="brute_force"), np.zeros(4, bool))
+
+
+def test_a_memory_map_is_indexed_from_views_of_it(tmp_path):
+    items_NxD, q_QxD = _small()
+    np.save(tmp_path / "items.npy", items_NxD)
+    mapped_NxD = np.load(tmp_path / "items.npy", mmap_mode="r")
+    valid_N = np.arange(len(items_NxD)) > 0  # every row but the padding row: one range
+    exact = ExactSearcher(mapped_NxD, valid_N, item_chunk=64)
+    assert np.shares_memory(exact.items_MxD, mapped_NxD)  # read in chunks, never copied
+    holes_N = valid_N.copy()
+    holes_N[5] = False
+    assert not np.shares_memory(ExactSearcher(mapped_NxD, holes_N).items_MxD, mapped_NxD)
+    want_QxK = ExactSearcher(items_NxD, valid_N).search(q_QxD, 10)[1]
+    np.testing.assert_array_equal(exact.search(q_QxD, 10)[1], want_QxK)
+    for searcher in (ScannSearcher(mapped_NxD, ScannParams(mode="brute_force"), valid_N),
+                     build(mapped_NxD, IndexConfig(num_shards=3), valid_N)):  # shards: slices
+        np.testing.assert_array_equal(searcher.search(q_QxD, 10)[1], want_QxK)

@@ -38,7 +38,9 @@ class IndexLoadError(ValueError):
 class ExactSearcher:
     """Exact top-k by inner product: BLAS matmul + argpartition, chunked over items.
 
-    Memory per call is bounded by `_QUERY_BLOCK x item_chunk` scores, whatever N is.
+    Memory per call is bounded by `_QUERY_BLOCK x item_chunk` scores, whatever N is. Given a
+    memory map (np.load(..., mmap_mode="r")), it keeps a view of it and reads item_chunk rows at
+    a time (pages the OS can drop), so ground truth at 1e7 rows needs no in-memory copy.
     """
 
     kind = "exact"
@@ -50,8 +52,7 @@ class ExactSearcher:
         items_NxD = _as_items(item_vectors)
         self.num_rows, self.dim = items_NxD.shape
         self.rows_M = _valid_rows(self.num_rows, valid_mask)
-        self.items_MxD = (items_NxD if len(self.rows_M) == self.num_rows
-                          else np.ascontiguousarray(items_NxD[self.rows_M]))
+        self.items_MxD = _indexed(items_NxD, self.rows_M)
         self.item_chunk = int(item_chunk)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -107,14 +108,20 @@ class ScannSearcher:
 
     def __init__(self, item_vectors: np.ndarray, params: ScannParams,
                  valid_mask: np.ndarray | None = None):
-        """Builds a ScaNN index over the valid rows of `item_vectors` [N, D] (mask [N] bool)."""
+        """Builds a ScaNN index over the valid rows of `item_vectors` [N, D] (mask [N] bool).
+
+        `item_vectors` may be a memory map. ScaNN copies the rows it indexes into its own
+        memory once (ScannInterface::Initialize makes a std::vector of them, which it keeps
+        for the exact reorder) and reads them from the array it is given without a copy of its
+        own (float32, C order); contiguous valid rows are passed as a view, so the peak is one
+        in-memory copy of the indexed rows plus ScaNN's codes, not two or three.
+        """
         items_NxD = _as_items(item_vectors)
         self.num_rows, self.dim = items_NxD.shape
         self.rows_M = _valid_rows(self.num_rows, valid_mask)
         if len(self.rows_M) == 0:
             raise ValueError(f"valid_mask leaves no rows of the {self.num_rows} to index")
-        items_MxD = (items_NxD if len(self.rows_M) == self.num_rows
-                     else np.ascontiguousarray(items_NxD[self.rows_M]))
+        items_MxD = _indexed(items_NxD, self.rows_M)
         self.params = params
         # num_neighbors=10 is only ScaNN's default; every search passes its own k.
         builder = scann.scann_ops_pybind.builder(items_MxD, 10, "dot_product")
@@ -232,6 +239,14 @@ def _as_items(item_vectors: np.ndarray) -> np.ndarray:
     if items_NxD.ndim != 2 or items_NxD.shape[1] == 0:
         raise ValueError(f"item_vectors must be [N, D] with D > 0, got shape {items_NxD.shape}")
     return items_NxD
+
+
+def _indexed(items_NxD: np.ndarray, rows_M: np.ndarray) -> np.ndarray:
+    """The rows to index: a view when they are one contiguous range (every row but the padding
+    row 0, or one shard's range), so a memory-mapped table is not copied; a copy otherwise."""
+    if len(rows_M) and rows_M[-1] - rows_M[0] + 1 == len(rows_M):
+        return items_NxD[rows_M[0]:rows_M[-1] + 1]
+    return np.ascontiguousarray(items_NxD[rows_M])
 
 
 def _valid_rows(num_rows: int, valid_mask: np.ndarray | None) -> np.ndarray:

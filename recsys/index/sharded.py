@@ -36,7 +36,11 @@ class ShardedSearcher:
     def build(cls, item_vectors: np.ndarray, cfg: IndexConfig,
               valid_mask: np.ndarray | None = None) -> ShardedSearcher:
         """cfg.num_shards equal row ranges of `item_vectors` [N, D], each with its own ScaNN
-        parameters (derived from its size, as one searcher's are), built in parallel."""
+        parameters (derived from its size, as one searcher's are), built in parallel.
+
+        Each shard reads and copies only its own row range (passed as a view: `item_vectors`
+        may be a memory map), so a host that builds one shard holds that shard, not the
+        catalogue; here, one process holds every shard (one copy of the catalogue in all)."""
         items_NxD = np.ascontiguousarray(item_vectors, np.float32)
         n, dim = items_NxD.shape
         valid_N = np.ones(n, bool) if valid_mask is None else np.asarray(valid_mask, bool)

@@ -58,7 +58,8 @@ def tune(searcher: Searcher, items_VxD: np.ndarray, valid_V: np.ndarray, queries
     Args:
       searcher: a ScaNN tree searcher over items_VxD's valid rows (others are returned as they
         are, with recall 1 when they are exact).
-      items_VxD, valid_V: what it indexes, for exact search.
+      items_VxD, valid_V: what it indexes, for exact search (a memory map is read in chunks,
+        never copied whole: recsys.index.ExactSearcher).
       queries_QxD: real query vectors; half choose the setting, the other half measure it.
       target: recall@k to reach, in (0, 1].
     Returns:
