@@ -203,6 +203,12 @@ class TrainConfig(_Section):
     mine_ranks: tuple[int, ...] = (10, 100)  # rank band [lo, hi) that mined negatives are drawn from
     mine_stride: int = 1  # search once per k consecutive training events of a user (cost / k)
     mine_margin: float = 0.0  # skip mined items scoring above the positive's cosine minus this (<0 allows some)
+    # fraction of the re-mining period between the snapshot a table is mined from and the first
+    # step using it: the search runs on a thread meanwhile (0 = synchronous); in [0, 1)
+    mine_lag: float = 0.5
+    # mined negatives' vectors: embed (candidate tower every step, with gradients) | cached (the
+    # mining snapshot's item vectors, no gradient; 1.7-2.4x faster steps, same quality)
+    mined_vectors: Literal["embed", "cached"] = "cached"
     # log q of mined items: band (1/items left in the band) | uniform (1/N) | none
     mined_correction: Literal["band", "uniform", "none"] = "band"
     eval_every: int = 0  # steps between validation HR@K (0 = only at the end)
@@ -241,6 +247,7 @@ class TrainConfig(_Section):
                           f"holds fewer than train.mined_negatives={self.mined_negatives} items")
             self._require(self.mine_stride >= 1, "mine_stride", "must be >= 1")
             self._require(self.mine_every_epochs > 0, "mine_every_epochs", "must be > 0")
+            self._require(0 <= self.mine_lag < 1, "mine_lag", "must be in [0, 1)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -129,10 +129,9 @@ def _rank_block(q_BxD, items_NxD, targets_B, ex_q_E, ex_item_E, *, chunk, num_ch
 @functools.partial(jax.jit, static_argnames=("k", "chunk", "num_chunks"))
 def _topk_block(q_BxD, items_NxD, ex_q_E, ex_item_E, *, k, chunk, num_chunks):
     """Running top-k over item chunks; ([B, K] scores, [B, K] rows with -1 for -inf)."""
-    n, b = items_NxD.shape[0], q_BxD.shape[0]
+    n = items_NxD.shape[0]
 
-    def body(c, carry):
-        best_BxK, rows_BxK = carry
+    def chunk_topk(c):
         lo, start = _chunk_bounds(c, chunk, n)
         chunk_CxD = jax.lax.dynamic_slice_in_dim(items_NxD, start, chunk)
         scores_BxC = jnp.matmul(q_BxD, chunk_CxD.T, precision=_HIGHEST)
@@ -142,14 +141,25 @@ def _topk_block(q_BxD, items_NxD, ex_q_E, ex_item_E, *, k, chunk, num_chunks):
         col_E = jnp.where(in_chunk_E, ex_item_E - start, chunk)  # out of range: dropped
         scores_BxC = scores_BxC.at[ex_q_E, col_E].set(-jnp.inf, mode="drop")
         top_BxT, idx_BxT = jax.lax.top_k(scores_BxC, min(k, chunk))
+        return top_BxT, (start + idx_BxT).astype(jnp.int32)
+
+    def body(c, carry):
+        best_BxK, rows_BxK = carry
+        top_BxT, rows_BxT = chunk_topk(c)
         # Earlier chunks come first, and top_k keeps the lower index among equals.
         merged_s = jnp.concatenate([best_BxK, top_BxT], axis=1)
-        merged_r = jnp.concatenate([rows_BxK, (start + idx_BxT).astype(jnp.int32)], axis=1)
+        merged_r = jnp.concatenate([rows_BxK, rows_BxT], axis=1)
         best_BxK, pick_BxK = jax.lax.top_k(merged_s, k)
         return best_BxK, jnp.take_along_axis(merged_r, pick_BxK, axis=1)
 
-    init = (jnp.full((b, k), -jnp.inf, jnp.float32), jnp.full((b, k), -1, jnp.int32))
-    best_BxK, rows_BxK = jax.lax.fori_loop(0, num_chunks, body, init)
+    # The first chunk starts the running list itself (k <= n - 1 <= chunk when it is the only
+    # one): merging it into an all -inf list would cost a second top-k of every query.
+    first_s, first_r = chunk_topk(0)
+    if first_s.shape[1] < k:  # a chunk shorter than k: pad with -inf, as the merge would
+        pad = k - first_s.shape[1]
+        first_s = jnp.pad(first_s, ((0, 0), (0, pad)), constant_values=-jnp.inf)
+        first_r = jnp.pad(first_r, ((0, 0), (0, pad)), constant_values=-1)
+    best_BxK, rows_BxK = jax.lax.fori_loop(1, num_chunks, body, (first_s, first_r))
     return best_BxK, jnp.where(best_BxK == -jnp.inf, -1, rows_BxK)
 
 

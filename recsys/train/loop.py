@@ -69,7 +69,8 @@ def load_retrieval(cfg: Config, ds: Dataset, workdir: pathlib.Path,
 def state_parts(cfg: Config, vocab: Vocabularies):
     """(build_model, optimizers): what state.create builds and state.abstract describes."""
     tc = cfg.train
-    lookups = tc.batch_size * (1 + vocab.history_len + tc.mined_negatives) + tc.uniform_negatives
+    mined = tc.mined_negatives if tc.mined_vectors == "embed" else 0  # cached: not looked up
+    lookups = tc.batch_size * (1 + vocab.history_len + mined) + tc.uniform_negatives
     return (lambda rngs: TwoTower(cfg.model, vocab, rngs),
             state_lib.make_optimizer(tc, logq_rows=vocab.num_items, lookups_per_step=lookups))
 
@@ -130,7 +131,8 @@ def train_retrieval(cfg: Config, ds: Dataset, workdir: pathlib.Path, mesh: jax.s
         # train.mine_every_epochs and saved, so a resumed run reads the same.
         miner = (mining.MinedNegatives(ds, positions, tc, workdir / "checkpoints" / "mined")
                  if tc.mined_negatives else None)
-        if miner is not None:
+        if miner is not None:  # closing: finishes and saves a begun refresh, joins its thread
+            closing.enter_context(contextlib.closing(miner))
             miner.restore(steps.model_of(graphdef, state), start)
         sampler = negatives.Sampler(ds, positions, tc, mesh, miner)
 
@@ -197,8 +199,8 @@ def train_retrieval(cfg: Config, ds: Dataset, workdir: pathlib.Path, mesh: jax.s
         progress = closing.enter_context(Progress(stage, tc.num_steps, initial=start))
         with jax.set_mesh(mesh):
             while step < tc.num_steps and not stopped:
-                if miner is not None and miner.due(step):
-                    miner.refresh(steps.model_of(graphdef, state), step)
+                if miner is not None:  # when due: snapshot now, search on a thread, use later
+                    miner.begin(step, steps.model_of(graphdef, state))
                 calls = _calls(step, segment_end(step), tc.steps_per_call)
                 with prefetch.Prefetcher(placed, calls, tc.prefetch) as batches:
                     for (first, n), batch in batches:
@@ -233,6 +235,8 @@ def train_retrieval(cfg: Config, ds: Dataset, workdir: pathlib.Path, mesh: jax.s
                         stopped = True
                         break
                 if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < tc.num_steps:
+                    if miner is not None:  # a table begun before this checkpoint is on disk first
+                        miner.flush()
                     checkpoint.save(mngr, step, state, {**meta_at(step), "loss": _last_loss(last)})
                     log.flush()
             if step > start:
@@ -241,6 +245,8 @@ def train_retrieval(cfg: Config, ds: Dataset, workdir: pathlib.Path, mesh: jax.s
                 if best["state"] is not None:  # keep the best validated state
                     state = best["state"]
                     validated = {"best_val_hr@10": best["hr@10"], "best_step": best["step"]}
+                if miner is not None:
+                    miner.flush()
                 checkpoint.save(mngr, step, state, {**meta_at(step), "loss": loss,
                                                     "early_stopped": stopped, **validated})
             checkpoint.wait(mngr)

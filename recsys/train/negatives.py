@@ -5,8 +5,9 @@ Sources (Yang et al. 2020: each corrected by its own log q, the probability it d
   in-batch  every other positive of the global batch, drawn by popularity: log q from training
             counts (train.logq_estimate=counts) or the streaming estimate (=streaming);
   uniform   M catalogue items drawn uniformly per step, shared by every row: log q = log(1/N);
-  mined     H items per row from a rank band of the current model (recsys.train.mining):
-            log q per train.mined_correction;
+  mined     H items per row from a rank band of a recent snapshot of the model
+            (recsys.train.mining): log q per train.mined_correction; embedded by the step's
+            candidate tower, or read from the snapshot's item vectors (train.mined_vectors);
   hard      of all those, only the k highest-scoring per row (train.hard_negatives).
 """
 
@@ -42,8 +43,12 @@ class Negatives:
       uniform: candidate-tower inputs of M uniform draws shared by every row (item [M],
         item_genres [M, G], item_year [M]), or None.
       uniform_log_q: [M] log(1/N), the probability of each draw.
-      mined: candidate-tower inputs of H mined items per row (item [B, H], ...), or None.
+      mined: candidate-tower inputs of H mined items per row (item [B, H], ...), or None; only
+        item [B, H] when mined_vectors is given.
       mined_log_q: [B, H], as train.mined_correction chose it.
+      mined_vectors: [B, H, D] vectors of the mined items from the snapshot they were mined with
+        (train.mined_vectors="cached"): constants of the step, used instead of embedding `mined`
+        (no gradient reaches the candidate tower through them); None: embedded.
       hard_k: keep only the k highest-scoring negatives per row, over every source (0 = all).
       remove_accidental_hits: mask negatives (every source) that are the row's own positive.
     """
@@ -53,6 +58,7 @@ class Negatives:
     uniform_log_q: jax.Array | None = None
     mined: dict | None = None
     mined_log_q: jax.Array | None = None
+    mined_vectors: jax.Array | None = None
     hard_k: int = struct.field(pytree_node=False, default=0)
     remove_accidental_hits: bool = struct.field(pytree_node=False, default=True)
 
@@ -77,6 +83,12 @@ class Negatives:
             if self.mined_log_q is not None and np.shape(self.mined_log_q) != bh:
                 raise ValueError(f"mined_log_q {np.shape(self.mined_log_q)} must match "
                                  f"mined item {bh}")
+            vectors = None if self.mined_vectors is None else np.shape(self.mined_vectors)
+            if vectors is not None and (len(vectors) != 3 or vectors[:2] != bh):
+                raise ValueError(f"mined_vectors {vectors} must be [B, H, D] for mined item {bh}")
+        elif self.mined_vectors is not None:
+            raise ValueError(f"mined_vectors {np.shape(self.mined_vectors)} need mined items "
+                             "(mined is None)")
 
     def loss(self, model, q_BxD, c_BxD, temperature, item_B):
         """Sampled softmax of the batch's queries over their positives and these negatives.
@@ -87,9 +99,13 @@ class Negatives:
         """
         self.check(np.shape(item_B)[0])
         extra = []
-        for inputs, log_q in ((self.uniform, self.uniform_log_q), (self.mined, self.mined_log_q)):
-            if inputs is not None:
-                extra.append(losses.NegativeSource(model.embed_items(inputs), inputs["item"], log_q))
+        if self.uniform is not None:
+            extra.append(losses.NegativeSource(model.embed_items(self.uniform),
+                                               self.uniform["item"], self.uniform_log_q))
+        if self.mined is not None:
+            c = (model.embed_items(self.mined) if self.mined_vectors is None
+                 else jax.lax.stop_gradient(self.mined_vectors))
+            extra.append(losses.NegativeSource(c, self.mined["item"], self.mined_log_q))
         return losses.sampled_softmax_loss(
             q_BxD, c_BxD, temperature, item_B, log_q_B=self.log_q, extra=tuple(extra),
             hard_negatives=self.hard_k, remove_accidental_hits=self.remove_accidental_hits)
@@ -131,9 +147,9 @@ def uniform(tables: FeatureTables, num_items: int, m: int, seed: int, step: int)
 class Sampler:
     """Builds each batch's `Negatives` on the host, from this process's rows of the batch.
 
-    Everything is a pure function of (seed, step, positions) and the mined table, which is
-    itself saved beside the checkpoints, so a resumed run sees the negatives an uninterrupted
-    one would have.
+    Everything is a pure function of (seed, step, positions) and the mined table of `step`,
+    which is itself saved beside the checkpoints, so a resumed run sees the negatives an
+    uninterrupted one would have. `at` may run on another thread than the loop.
     """
 
     def __init__(self, ds: Dataset, positions: np.ndarray, cfg: TrainConfig,
@@ -157,8 +173,12 @@ class Sampler:
             neg["uniform"] = {k: v[self.uniform_rows] for k, v in inputs.items()}
             neg["uniform_log_q"] = log_q_M[self.uniform_rows] if cfg.logq_correction else None
         if self.miner is not None:
-            items_BxH, band_log_q_B = self.miner.at(positions_B)
-            neg["mined"] = item_inputs(ds.features, items_BxH)
+            items_BxH, band_log_q_B, vectors_BxHxD = self.miner.at(step, positions_B)
+            if vectors_BxHxD is None:
+                neg["mined"] = item_inputs(ds.features, items_BxH)
+            else:  # the snapshot's vectors: the candidate tower embeds only the batch's rows
+                neg["mined"] = {"item": items_BxH}
+                neg["mined_vectors"] = vectors_BxHxD
             neg["mined_log_q"] = mined_log_q(cfg, band_log_q_B, items_BxH.shape[1], ds.num_items)
         return Negatives(**neg, hard_k=cfg.hard_negatives,
                          remove_accidental_hits=cfg.remove_accidental_hits)
