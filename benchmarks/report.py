@@ -190,29 +190,39 @@ def _index_name(index: dict | None) -> str:
     return str(index.get("kind", "–"))
 
 
+def _request_recall(r: dict) -> str:
+    recall = r.get("index_recall@10_on_requests")
+    return "–" if recall is None else f"{recall:.3f} ({r['recall_queries']:,} users)"
+
+
 def serving_table(d: dict) -> str:
-    """p50 milliseconds per stage, total p50 / p99, the baseline and batched throughput."""
-    runs = d["runs"]
+    """p50 milliseconds per stage, total p50 / p99, the index's recall on the measured requests,
+    the baseline and batched throughput; catalogues of `at_scale` (1e7 items) last."""
+    runs = {**d["runs"], **d.get("at_scale", {})}
     stages = [s for s in next(iter(runs.values()))["single_request"] if s not in ("total", "wall")]
     lines = [_row(["catalogue", "index", *stages, "**total p50 / p99**",
                    "query tower + index alone p50", "batched req/s (64 / 256)",
-                   "load + warm-up s", "compilations"]),
-             "|---|---|" + "---:|" * (len(stages) + 5)]
+                   "load + warm-up s", "compilations", "index recall@10 on these requests"]),
+             "|---|---|" + "---:|" * (len(stages) + 6)]
     for name, r in runs.items():
         single = r["single_request"]
-        lines.append(_row([f"`{name}`, {r['num_items']:,} items", _index_name(r.get("index")),
+        ranker = "" if r.get("has_ranker", True) else " (no ranker)"
+        lines.append(_row([f"`{name}`, {r['num_items']:,} items{ranker}",
+                           _index_name(r.get("index")),
                            *(f"{single[s]['p50_ms']:.2f}" for s in stages),
                            f"**{single['total']['p50_ms']:.2f} / {single['total']['p99_ms']:.2f}**",
                            f"{r['baseline_query_tower_plus_index']['p50_ms']:.2f}",
                            (f"{r['batch_64_requests_per_s']:.0f} / "
                             f"{r['batch_256_requests_per_s']:.0f}"),
                            f"{r['load_and_warmup_s']:.1f}",
-                           r["compilations_during_measurement"]]))
+                           r["compilations_during_measurement"], _request_recall(r)]))
     first = next(iter(runs.values()))
     load = lambda key: " / ".join(f"{x:.1f}" for x in d[key])
     return ("\n".join(lines) + f"\n\nPer catalogue {first['requests']} single requests after "
             f"warm-up (random known users, k = 10, {first['num_candidates']} candidates), wall "
-            f"milliseconds per stage; one run, so p50 / p99 over requests are the spread. JAX "
+            f"milliseconds per stage; one run, so p50 / p99 over requests are the spread. The "
+            f"recall is the index's against exact search on those users' query vectors. "
+            f"Catalogues marked (no ranker) order by the retrieval score. JAX "
             f"{d['jax']}, {d['cpus']} CPUs, load average {load('load_average_before')} before and "
             f"{load('load_average_after')} after." + _provenance(d))
 
@@ -245,18 +255,74 @@ def sharding_table(d: dict) -> str:
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + _provenance(d)
 
 
+# Training throughput against TFRS (docs/throughput.json, benchmarks.throughput) ----------------
+
+def _per_pair(runs: list[dict], side: str, key: str) -> str:
+    values = [p[side][key] for p in runs if side in p and p[side].get(key) is not None]
+    return " / ".join(f"{v:,.0f}" for v in values) if values else "–"
+
+
+def throughput_table(d: dict) -> str:
+    """recsys against TFRS per batch size (every pair's runs, the median ratio), then the rest."""
+    if d.get("skipped"):
+        return f"*Not measured: {d['skipped']}.*" + _provenance(d)
+    ratio, cpu_ratio = d.get("ratio_vs_tfrs") or {}, d.get("ratio_per_cpu_s_vs_tfrs") or {}
+    lines = [_row(["batch", "TFRS ex/s", "recsys ex/s", "**recsys / TFRS** (median)",
+                   "TFRS ex/CPU-s", "recsys ex/CPU-s", "per CPU-s (median)"]),
+             "|---:|---:|---:|---:|---:|---:|---:|"]
+    for b, runs in d["pairs"].items():
+        lines.append(_row([f"{int(b):,}", _per_pair(runs, "tfrs", "examples_per_sec"),
+                           _per_pair(runs, "recsys", "examples_per_sec"),
+                           f"**{ratio[b]:.2f}x**" if b in ratio else "–",
+                           _per_pair(runs, "tfrs", "examples_per_cpu_s"),
+                           _per_pair(runs, "recsys", "examples_per_cpu_s"),
+                           f"{cpu_ratio[b]:.2f}x" if b in cpu_ratio else "–"]))
+    tf = d.get("tfrs") or {}
+    notes = [(f"TensorFlow {tf.get('tensorflow')}, TFRS {tf.get('tensorflow_recommenders')}; "
+              if tf else f"TFRS side skipped: {d.get('tfrs_skipped')}; ")
+             + f"{d['train_examples']:,} training events of `{pathlib.Path(d['data']).name}`; "
+             f"timed steps per run {', '.join(f'{s} at {int(b):,}' for b, s in d['steps'].items())}"
+             "; runs alternate TFRS, recsys in subprocesses of their own."]
+    if d.get("movielens_examples_per_sec_end_to_end") is not None:
+        notes.append(f"`configs/movielens.py`, its own training end to end: "
+                     f"{d['movielens_examples_per_sec_end_to_end']:,.0f} examples/s; at batch "
+                     f"1,024 host input is {d['host_input_fraction']:.1%} of the training wall "
+                     "time (`host_input_fraction`).")
+    if d.get("devices"):
+        dev = d["devices"]
+        steps = dev["step_examples_per_sec"]
+        notes.append(f"Fake CPU devices {' / '.join(steps)}, batch {dev['batch_size']:,}: "
+                     + " / ".join(f"{v:,.0f}" for v in steps.values())
+                     + " examples/s over the timed steps (they share the host's cores).")
+    if d.get("table_rows"):
+        rows = d["table_rows"]
+        sizes = list(rows["auto_resolves_to"])
+        cells = [f"`{opt}` " + " / ".join(f"{by[n]:,.0f}" for n in sizes)
+                 for opt, by in rows["step_examples_per_sec"].items()]
+        auto = ", ".join(f"{r} at {int(n):,}" for n, r in rows["auto_resolves_to"].items())
+        notes.append(f"Item-table rows {' / '.join(f'{int(n):,}' for n in sizes)} (synthetic, "
+                     f"batch {rows['batch_size']:,}), examples/s over the timed steps by "
+                     "`train.embedding_optimizer`: "
+                     + "; ".join(cells) + f" (`auto` chose {auto}).")
+    load = lambda key: " / ".join(f"{x:.1f}" for x in d["load_avg"][key])
+    notes.append(f"Load average {load('before')} before and {load('after')} after; "
+                 f"{d['wall_seconds'] / 60:.0f} minutes in all.")
+    return ("\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + _provenance(d))
+
+
 # The blocks and the command line ----------------------------------------------------------------
 
+def _scann_setting(p: dict) -> str:
+    if p.get("mode") != "tree_ah" and "num_leaves" not in p:
+        return "exact"
+    return f"{p['num_leaves']} leaves, {p['leaves_to_search']} searched, reorder {p['reorder']}"
+
+
 def index_table(d: dict) -> str:
-    """The tuned index against the best hand-tuned ScaNN setting and exact search."""
+    """The tuned index against the best hand-tuned ScaNN setting, exact search and the peers."""
     best = d["best_hand_tuned"] or {}
     tuned = d["tuned_params"]
-
-    def setting(p: dict) -> str:
-        if p.get("mode") != "tree_ah" and "num_leaves" not in p:
-            return "exact"
-        return f"{p['num_leaves']} leaves, {p['leaves_to_search']} searched, reorder {p['reorder']}"
-
+    setting = _scann_setting
     rows = [
         ("derived from N (before tuning)", setting(d["derived_params"]),
          f"{d['derived_recall@10']:.4f}", f"{d['derived_qps_per_cpu_s']:,.0f}"),
@@ -279,7 +345,50 @@ def index_table(d: dict) -> str:
             f"{lat['p50_us']:.0f} us, p99 {lat['p99_us']:.0f} us; build {d['build_cpu_s']:.0f} "
             f"CPU-s, tuning {d['tune_cpu_s']:.0f} CPU-s, {d['index_mib']:.0f} MiB on disk, loads "
             f"in {d['load_s']:.2f} s.")
-    return "\n".join(lines) + note + _provenance(d)
+    peers = index_peers_table(d) if "peers" in d else ""
+    return "\n".join(lines) + note + peers + _provenance(d)
+
+
+PEER_NAMES = {"faiss_ivfpq_fs": "FAISS IVF-PQ fast scan + refine", "faiss_hnsw": "FAISS HNSW",
+              "hnswlib": "hnswlib HNSW"}
+
+
+def _peer_setting(p: dict) -> str:
+    knobs = ", ".join(f"{k} {v}" for k, v in p.items()
+                      if k not in ("spec", "recall", "qps_per_cpu_s"))
+    return f"{p['spec']}; {knobs}"
+
+
+def index_peers_table(d: dict) -> str:
+    """ScaNN beside FAISS and hnswlib: each one's fastest grid point at the target recall."""
+    target = d["target_recall"]
+    intro = (f"Each library's fastest setting of a small grid reaching recall@10 >= {target}, "
+             "picked on the held-out queries (builds on every core, searches on one thread):")
+    lines = ["\n", intro + "\n",
+             _row(["library", "setting", "recall@10", "queries / CPU-s", "build s (CPU-s)",
+                   "index MiB", "p50 / p99 us"]), "|---|---|---:|---:|---:|---:|---:|"]
+    lat = d["tuned_latency"]
+    lines.append(_row([
+        "**ScaNN, tuned (the default)**", _scann_setting(d["tuned_params"]),
+        f"{d['tuned_recall@10']:.4f}", f"**{d['tuned_qps_per_cpu_s']:,.0f}**",
+        f"{d['build_s']:.0f} ({d['build_cpu_s']:.0f}) + tuning ({d['tune_cpu_s']:.0f})",
+        f"{d['index_bytes'] / 2**20:,.0f}", f"{lat['p50_us']:.0f} / {lat['p99_us']:.0f}"]))
+    for name, r in d["peers"].items():
+        label = PEER_NAMES.get(name, name)
+        if "skipped" in r:
+            lines.append(_row([label, f"skipped: {r['skipped']}", "", "", "", "", ""]))
+        elif r["best"] is None:
+            top = max(r["curve"], key=lambda p: p["recall"])
+            lines.append(_row([label, f"none reached {target} (best {_peer_setting(top)})",
+                               f"{top['recall']:.4f}", f"{top['qps_per_cpu_s']:,.0f}", "", "", ""]))
+        else:
+            b, lat = r["best"], r["latency"]
+            lines.append(_row([label, _peer_setting(b), f"{b['recall']:.4f}",
+                               f"{b['qps_per_cpu_s']:,.0f}",
+                               f"{r['build_s']:.0f} ({r['build_cpu_s']:.0f})",
+                               f"{r['index_bytes'] / 2**20:,.0f}",
+                               f"{lat['p50_us']:.0f} / {lat['p99_us']:.0f}"]))
+    return "\n".join(lines)
 
 
 def scale_table(d: dict) -> str:
@@ -366,15 +475,18 @@ SECTIONS = {
     "pipeline": Section("pipeline.json", PIPELINE, pipeline_table),
     "ordering": Section("pipeline.json", PIPELINE, ordering_table),
     "serving": Section("serving.json", "python -m benchmarks.serving --artifacts "
-                       "runs/pipeline/seed0/artifacts --synthetic-items 1000000 --requests 1000 "
+                       "runs/pipeline/seed0/artifacts --synthetic-items 1000000 "
+                       "--scale-artifacts runs/synthetic_10m/artifacts --requests 1000 "
                        "--json docs/serving.json", serving_table),
     "sharding": Section("sharding.json", "python -m benchmarks.sharding --json docs/sharding.json",
                         sharding_table),
+    "throughput": Section("throughput.json", "flock /tmp/recsys-bench.lock python -m "
+                          "benchmarks.throughput --json docs/throughput.json", throughput_table),
     "scale": Section("scale_runs.json", "the two recsys pipeline commands of the section",
                      scale_table),
     "http": Section("http.json", "python -m benchmarks.http --json docs/http.json", http_table),
-    "index": Section("index.json", "python -m benchmarks.index --json docs/index.json",
-                     index_table),
+    "index": Section("index.json", "python -m benchmarks.index --json docs/index.json "
+                     "--png docs/img/index_tradeoff.png", index_table),
     "faults": Section("faults.json", "python -m benchmarks.faults --json docs/faults.json",
                       faults_table, page="reliability.md"),
 }

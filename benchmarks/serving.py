@@ -1,22 +1,28 @@
 """Serving latency per stage and batched throughput of `Recommender`, with a compilation count.
 
     python -m benchmarks.serving --artifacts runs/pipeline/seed0/artifacts \
-        --synthetic-items 1000000 --requests 1000 --json docs/serving.json
+        --synthetic-items 1000000 --scale-artifacts runs/synthetic_10m/artifacts \
+        --requests 1000 --json docs/serving.json
 
 For each artifacts directory (a real one, and a synthetic catalogue built here with a short
 pipeline run, where ScaNN is really approximate): load + warm-up time; then single requests of
 random known users, one at a time, with p50/p99 wall milliseconds per stage and in total; the
 same for the query tower + index search alone (the baseline, measured in the same run); and
 batched requests per second. Every JAX compilation during the measured requests is counted (it
-must be 0). The load average is recorded beside the figures (the machine may be shared), with
-the commit and the recsys source hash; docs/serving.json is the input of the serving table in
-docs/results.md (python -m benchmarks.report).
+must be 0). The index's recall@10 is measured on the very queries the requests make (the known
+users' query vectors, against exact search), so each latency stands beside the recall it was
+served at. `--scale-artifacts` directories (the 1e7-item run of configs/synthetic_10m.py) are
+measured last, alone in memory, and reported under "at_scale". The load average is recorded
+beside the figures (the machine may be shared), with the commit and the recsys source hash;
+docs/serving.json is the input of the serving table in docs/results.md (python -m
+benchmarks.report).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import os
 import pathlib
 import time
@@ -25,6 +31,8 @@ import jax
 import numpy as np
 
 from benchmarks import provenance
+from recsys import features
+from recsys import index as index_lib
 from recsys.artifacts import published
 from recsys.serve import Recommender
 from recsys.serve.recommender import STAGES
@@ -37,6 +45,16 @@ def _percentiles(values_ms: list[float]) -> dict:
     return {"p50_ms": round(float(p50), 3), "p99_ms": round(float(p99), 3)}
 
 
+def request_recall(rec: Recommender, users: list, k: int = 10) -> dict:
+    """Recall@k of the served index against exact search on the query vectors of `users`."""
+    q_QxD = rec.user_query_vectors(list(dict.fromkeys(users)))
+    items = rec.artifacts.item_vectors
+    exact = index_lib.ExactSearcher(items, features.valid_rows(len(items)))
+    recall = index_lib.recall_at_k(rec.artifacts.searcher.search(q_QxD, k)[1],
+                                   exact.search(q_QxD, k)[1])
+    return {f"index_recall@{k}_on_requests": round(recall, 4), "recall_queries": len(q_QxD)}
+
+
 def measure(artifacts: pathlib.Path, num_requests: int, seed: int = 0) -> dict:
     """Latency and throughput of one artifacts directory (see the module docstring)."""
     t0 = time.perf_counter()
@@ -44,6 +62,7 @@ def measure(artifacts: pathlib.Path, num_requests: int, seed: int = 0) -> dict:
     load_s = time.perf_counter() - t0
     rng = np.random.default_rng(seed)
     users = rec.artifacts.users.ids[rng.integers(0, len(rec.artifacts.users.ids), num_requests)].tolist()
+    recall = request_recall(rec, users)
     for u in users[:50]:  # warm caches (numpy, ScaNN); compiles happened in load
         rec.recommend(user_id=u, k=10)
     compiles = []
@@ -85,11 +104,12 @@ def measure(artifacts: pathlib.Path, num_requests: int, seed: int = 0) -> dict:
     single = {s: _percentiles(v) for s, v in stages.items()}
     base = _percentiles(baseline)
     return {"num_items": int(rec.artifacts.manifest["num_items"]), "index": rec.artifacts.manifest.get("index"),
+            "has_ranker": rec.artifacts.ranker_fn is not None,
             "num_candidates": rec.num_candidates, "load_and_warmup_s": round(load_s, 2),
             "single_request": single, "baseline_query_tower_plus_index": base,
             "total_over_baseline_p50": round(single["total"]["p50_ms"] / base["p50_ms"], 2),
             **batched, "compilations_during_measurement": len(compiles),
-            "requests": num_requests}
+            "requests": num_requests, **recall}
 
 
 def synthetic_artifacts(num_items: int, workdir: pathlib.Path) -> pathlib.Path:
@@ -115,6 +135,8 @@ def main() -> None:
     p.add_argument("--artifacts", action="append", default=[], help="artifacts dir (repeatable)")
     p.add_argument("--synthetic-items", type=int, default=0,
                    help="also build and measure a synthetic catalogue of this many items")
+    p.add_argument("--scale-artifacts", action="append", default=[],
+                   help="a large catalogue's artifacts dir, measured last (repeatable)")
     p.add_argument("--workdir", default="runs/serving-bench", help="where synthetic runs go")
     p.add_argument("--requests", type=int, default=1000)
     p.add_argument("--json", help="write the result here too")
@@ -125,8 +147,13 @@ def main() -> None:
         dirs[f"synthetic-{args.synthetic_items}"] = synthetic_artifacts(args.synthetic_items, work)
     result = {"load_average_before": os.getloadavg(), "cpus": os.cpu_count(),
               "jax": jax.__version__,
-              "runs": {name: measure(d, args.requests) for name, d in dirs.items()},
-              "load_average_after": os.getloadavg(), "provenance": provenance.record()}
+              "runs": {name: measure(d, args.requests) for name, d in dirs.items()}}
+    # One at a time after the others: a 1e7-item bundle alone needs several GiB.
+    result["at_scale"] = {}
+    for d in args.scale_artifacts:
+        gc.collect()  # the previous Recommender's arrays go before the next one loads
+        result["at_scale"][d] = measure(pathlib.Path(d), args.requests)
+    result.update(load_average_after=os.getloadavg(), provenance=provenance.record())
     provenance.emit(result, args.json)
 
 

@@ -27,7 +27,7 @@ from recsys.data import dataset as dataset_lib
 from recsys.data.sources import load_raw
 from recsys.eval import metrics as metrics_lib
 from recsys.eval import protocol
-from recsys.export import export_artifacts
+from recsys.export import CandidateVectors, export_artifacts
 from recsys.metrics_log import MetricsLog
 from recsys.models.ranker_inputs import RankerTables
 from recsys.progress import Progress
@@ -125,7 +125,6 @@ def export_models(cfg: Config, workdir: pathlib.Path, models: Models,
     other than 0, which only help gather the models)."""
     lap = lap or _Laps()
     retrieval = models.retrieval.model()
-    items_VxD = protocol.item_vectors(retrieval, models.ds.features)
     two_tower = local_model(retrieval)  # every process gathers; process 0 writes
     ranker = local_model(models.ranker.model()) if models.ranker else None
     queries_QxD = tuning_queries(retrieval, models.ds, cfg)
@@ -133,7 +132,8 @@ def export_models(cfg: Config, workdir: pathlib.Path, models: Models,
     if jax.process_index() == 0:
         version, _ = export_artifacts(
             pathlib.Path(workdir) / artifacts.ROOT, cfg=cfg, ds=models.ds, two_tower=two_tower,
-            item_vectors=items_VxD, ranker=ranker, ranker_inputs=models.ranker_tables,
+            # computed and written block by block: never [V, D] in memory at once
+            item_vectors=CandidateVectors(two_tower, models.ds.features), ranker=ranker, ranker_inputs=models.ranker_tables,
             manifest={"metrics": models.metrics}, tuning_queries=queries_QxD)
     lap("export")
     return version

@@ -15,12 +15,17 @@ from recsys.data.synthetic import generate
 from recsys.models.ranker import CrossLayer, Ranker
 from recsys.models.ranker_inputs import (
     DAY,
+    WINDOWS_DAYS,
     ItemTimeline,
     RankerTables,
+    device_ranker_inputs,
+    device_tables,
     input_spec,
     ranker_inputs,
+    split_time,
 )
 from recsys.models.two_tower import Vocabularies
+from recsys.serve.requests import MAX_TIME
 from recsys.train.ranker_data import Events, holdout_dataset, listwise_rows, retrieved_only
 
 V, U, G, D, L = 50, 20, 4, 8, 6
@@ -87,6 +92,77 @@ def test_candidate_features_follow_the_request_time():
     for k, (dtype, shape) in spec.items():
         assert early[k].dtype == dtype, k
         assert early[k].ndim == len(shape.split(", ")), k
+
+
+def host_and_device(t: RankerTables, q, user_B, hist_BxL, time_B, last_B, cand_BxN):
+    """The ranker inputs built on the host (training) and inside jit (serving), as numpy."""
+    time_B, last_B = np.asarray(time_B, np.int64), np.asarray(last_B, np.int64)
+    host = ranker_inputs(t, q, user_B, hist_BxL, time_B, last_B, cand_BxN)
+    arrays, layout = device_tables(t)
+    run = jax.jit(lambda arrays, *request: device_ranker_inputs(arrays, layout, *request))
+    device = run(arrays, np.asarray(q, np.float32), np.asarray(user_B, np.int32),
+                 np.asarray(hist_BxL, np.int32), split_time(time_B), split_time(last_B),
+                 np.asarray(cand_BxN, np.int32))
+    return host, {k: np.asarray(v) for k, v in device.items()}
+
+
+def assert_same_inputs(host: dict, device: dict) -> None:
+    assert set(device) == set(host)
+    for k, want in host.items():
+        got = device[k]
+        assert got.dtype == want.dtype and got.shape == want.shape, (k, got.dtype, want.dtype)
+        if np.issubdtype(want.dtype, np.integer):
+            np.testing.assert_array_equal(got, want, err_msg=k)
+        else:
+            np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6, err_msg=k)
+
+
+def test_in_jit_inputs_equal_the_host_ones_at_window_edges_and_extreme_times():
+    rng = np.random.default_rng(4)
+    # Row 3: 600 events every 2.4 hours, some exactly one window before the request (several
+    # search steps); row 9: never seen.
+    t0 = 900_000_000
+    rows = np.concatenate([np.full(600, 3), rng.integers(1, V, 300)])
+    rows[rows == 9] = 8
+    times = t0 + np.concatenate([np.arange(600) * (DAY // 10), rng.integers(0, 3000 * DAY, 300)])
+    t = tables(rng, rows, times)
+    assert device_tables(t)[1].search_steps == 4
+    now = t0 + 599 * (DAY // 10)  # events of row 3 lie exactly 0, 1, 7, 30 days before it
+    time_B = np.array([now, now + 1, now - 1, t0, 0, MAX_TIME, t0 + 3000 * DAY, now + 365 * DAY])
+    b = len(time_B)
+    last_B = np.array([now - 5, -1, now, now + 10, -1, now, 0, -1])
+    hist = rng.integers(0, V, (b, L)).astype(np.int32)
+    hist[1] = 0  # no history at all
+    cand = rng.integers(1, V, (b, 12)).astype(np.int32)
+    cand[:, :2] = [3, 9]
+    host, device = host_and_device(t, t.item_vectors[rng.integers(1, V, b)],
+                                   rng.integers(0, U, b), hist, time_B, last_B, cand)
+    assert_same_inputs(host, device)
+    windows = host["item_stats"][0, 0, 1:1 + len(WINDOWS_DAYS)]
+    assert (np.diff(windows) > 0).all(), "row 3's windows should count different events"
+    assert host["item_stats"][:, 1, 1:].sum() == 0  # the never-seen row: no counts, no age
+
+
+def test_in_jit_inputs_equal_the_host_ones_on_the_movielens_event_log(movielens_small):
+    """Real shapes: 100k events of 9.7k items over 22 years; serving's 64 x 200 candidates."""
+    ratings = np.loadtxt(movielens_small / "ratings.csv", delimiter=",", skiprows=1)
+    items, rows = np.unique(ratings[:, 1].astype(np.int64), return_inverse=True)
+    times = ratings[:, 3].astype(np.int64)
+    v, d, g, b, n = len(items) + 1, 32, 19, 64, 200
+    rng = np.random.default_rng(5)
+    vecs = rng.standard_normal((v, d)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    t = RankerTables(vecs, (rng.random((v, g)) < 0.2).astype(np.float32),
+                     rng.integers(0, 32, v).astype(np.int32), rng.random(v).astype(np.float32),
+                     np.zeros((611, 0), np.int32), ItemTimeline.build(rows + 1, times, v))
+    popular = np.argsort(-np.bincount(rows + 1, minlength=v))[:n // 2]
+    cand = np.concatenate([np.tile(popular, (b, 1)), rng.integers(1, v, (b, n - n // 2))], 1)
+    when = rng.choice(times, b) + rng.integers(-400, 400, b) * DAY
+    hist = rng.integers(0, v, (b, 20)).astype(np.int32)
+    host, device = host_and_device(t, vecs[rng.integers(1, v, b)], rng.integers(1, 611, b),
+                                   hist, when, when - rng.integers(-DAY, 900 * DAY, b), cand)
+    assert_same_inputs(host, device)
+    assert (host["item_stats"][..., 1:1 + len(WINDOWS_DAYS)] > 0).any(axis=(0, 1)).all()
 
 
 @pytest.mark.parametrize("rank", [0, 3])

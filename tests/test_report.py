@@ -105,6 +105,12 @@ def _index() -> dict:
             "build_cpu_s": 30.0, "tune_cpu_s": 10.0, "index_mib": 279.0, "load_s": 0.7}
 
 
+def _throughput() -> dict:
+    """What benchmarks/throughput.py wrote for the committed page (its full shape)."""
+    return json.loads((pathlib.Path(__file__).resolve().parents[1] / "docs" / "throughput.json"
+                       ).read_text())
+
+
 def _docs(tmp_path: pathlib.Path, **files) -> pathlib.Path:
     (tmp_path / "results.md").write_text(PAGE)
     for name, data in files.items():
@@ -114,7 +120,8 @@ def _docs(tmp_path: pathlib.Path, **files) -> pathlib.Path:
 
 def test_tables_render_mean_and_std_over_seeds(tmp_path):
     results = _docs(tmp_path, ablation=_ablation(), pipeline=_pipeline(), serving=_serving(),
-                    sharding=_sharding(), index=_index(), http=_http(), scale_runs=_scale())
+                    sharding=_sharding(), index=_index(), http=_http(), scale_runs=_scale(),
+                    throughput=_throughput())
     assert report.main(["--results", str(results)]) == 0
     text = results.read_text()
     assert text.startswith("# Results\n\nHand-written prose.") and text.endswith("More prose.\n")

@@ -47,7 +47,8 @@ def test_known_and_new_users_get_unseen_items_with_stage_timings(rec):
 
 
 def test_cold_start_serves_popular_items_through_the_same_rules(rec):
-    popular = rec.artifacts.items.raw(rec.retriever.popular[:50]).tolist()
+    # The N = num_candidates most popular items once the 2 excluded ones are dropped.
+    popular = rec.artifacts.items.raw(rec.retriever.popular[:rec.num_candidates + 2]).tolist()
     cold = rec.recommend(user_id="nobody", k=5, exclude=popular[:2])
     assert cold.cold_start and cold.unknown_ids == ["nobody"] and len(cold.items) == 5
     assert set(cold.items) <= set(popular) and not set(cold.items) & set(popular[:2])
@@ -126,6 +127,73 @@ def test_extra_sources_add_item_neighbours_and_popular_items(tiny_run):
     pop = Recommender.load(art, warmup=False, num_candidates=3, popular_candidates=3)
     out = pop.recommend(user_id=users(pop, 1)[0], k=3, exclude_seen=False)
     assert set(pop.artifacts.items.lookup(out.items)) == set(pop.retriever.popular[:3])
+
+
+def test_scores_from_inputs_built_in_jit_equal_those_from_host_inputs(rec):
+    # Serving computes the ranker's inputs inside its jitted call; training builds them in numpy
+    # (recsys.models.ranker_inputs.ranker_inputs): the trained ranker must score alike.
+    from recsys.models.ranker_inputs import ranker_inputs
+    from recsys.serve.artifacts import ranker_tables
+    s, a = rec._stages, rec.artifacts
+    host_tables = ranker_tables(a)
+    t_last = int(a.history_times.max())
+    reqs = [s.parser.parse(r) for r in
+            [{"user_id": u, "time": float(t_last - i * 86_400 * 3 + i)}
+             for i, u in enumerate(users(rec, 40))]
+            + [{"history": seen_of(rec, u)[:5]} for u in users(rec, 5)] + [{"user_id": "nobody"}]]
+    hist = s.retriever.histories(reqs)
+    q = s.retriever.request_vectors(reqs, hist)
+    depth = np.asarray([s.retriever.depth(r) for r in reqs])
+    cand = s.retriever.first_allowed(reqs, s.retriever.search(reqs, q, hist, depth),
+                                     s.filter.first_allowed)
+    got = s.scorer.score(reqs, q, hist, cand)
+    x = ranker_inputs(host_tables, q, [r.user_row for r in reqs], hist,
+                      np.asarray([r.time for r in reqs], np.int64),
+                      np.asarray([r.last_time for r in reqs], np.int64), np.maximum(cand, 0))
+    want = np.where(cand > 0, np.asarray(a.ranker_fn(a.ranker_params, x)), -np.inf)
+    assert (cand > 0).sum() > 40 * rec.num_candidates // 2
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_batch_gets_what_each_request_gets_alone(rec):
+    us = users(rec, 30)
+    genres = list(rec.genre_names)
+    catalogue = rec.artifacts.items.raw(np.arange(1, len(rec.artifacts.item_vectors))).tolist()
+    reqs = [{"user_id": u, "k": 10} for u in us[:20]]
+    reqs[3]["exclude"] = catalogue[:250]  # one heavy request: it alone searches deep
+    reqs[5]["filters"] = {"genres_any": [genres[-1]], "year_min": 2000}  # refetches
+    reqs[7].update(ordering="mmr", genre_cap=2)
+    reqs += [{"history": seen_of(rec, u)[:4], "k": 5} for u in us[20:25]]
+    reqs += [{"user_id": "nobody", "k": 3}, {"user_id": us[0], "exclude_seen": False}]
+    alone = [rec.recommend(**r) for r in reqs]
+    together = rec.recommend_batch(reqs)
+    assert [r.items for r in together] == [r.items for r in alone]
+    for t, a in zip(together, alone):
+        np.testing.assert_allclose(t.scores, a.scores, rtol=1e-5, atol=1e-5)
+
+
+def test_each_request_searches_to_its_own_depth(rec, monkeypatch):
+    calls = []
+    searcher = rec.artifacts.searcher
+
+    class Spy:
+        def search(self, q, k):
+            calls.append((len(q), k))
+            return searcher.search(q, k)
+
+    monkeypatch.setattr(rec.artifacts, "searcher", Spy())
+    light, heavy = users(rec, 2)
+    catalogue = rec.artifacts.items.raw(np.arange(1, len(rec.artifacts.item_vectors))).tolist()
+    exclude = [i for i in catalogue if i not in seen_of(rec, heavy)][:300]
+    rec.recommend_batch([{"user_id": light}, {"user_id": heavy, "exclude": exclude}])
+    n, rows = rec.num_candidates, len(rec.artifacts.item_vectors) - 1
+
+    def depth(extra):  # N + its own seen and excluded items, rounded up to a power of two
+        return min(n + (1 << (extra - 1).bit_length()), rows)
+
+    assert sorted(calls) == sorted([(1, depth(len(seen_of(rec, light)))),
+                                    (1, depth(len(seen_of(rec, heavy)) + 300))])
+    assert depth(len(seen_of(rec, light))) < n + 300
 
 
 def test_no_compilation_after_warmup_over_varied_requests(rec):

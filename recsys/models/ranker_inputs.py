@@ -1,9 +1,12 @@
-"""What the ranker reads for each (request, candidate), assembled in numpy for training and serving."""
+"""What the ranker reads for each (request, candidate): assembled in numpy for training
+(`ranker_inputs`), and computed inside the jitted serving call from device-resident tables
+(`device_tables`, `device_ranker_inputs`) with the same values to float tolerance."""
 
 from __future__ import annotations
 
 import dataclasses
 
+import jax.numpy as jnp
 import numpy as np
 
 from recsys.config import NUM_YEAR_BUCKETS
@@ -114,18 +117,173 @@ def ranker_inputs(tables: RankerTables, q_BxD, user_B, history_BxL, time_B, last
     return out
 
 
-def similarities(x: dict) -> np.ndarray:
-    """[B, N, NUM_SIMS] float32: q.c, cosine to the latest / closest history item, genre affinity."""
+def similarities(x: dict, xp=np):
+    """[B, N, NUM_SIMS] float32: q.c, cosine to the latest / closest history item, genre affinity.
+
+    `xp` is numpy (training) or jax.numpy (serving, inside jit)."""
     mask_BxL = x["history"] > 0
-    score_BxN = np.einsum("bd,bnd->bn", x["q"], x["c"])
-    cos_BxNxL = np.einsum("bnd,bld->bnl", x["c"], x["h"])
-    last_BxN = np.where(mask_BxL[:, None, -1], cos_BxNxL[..., -1], 0.0)
-    closest_BxN = np.where(mask_BxL.any(1)[:, None],
-                           np.where(mask_BxL[:, None, :], cos_BxNxL, -np.inf).max(-1), 0.0)
+    score_BxN = xp.einsum("bd,bnd->bn", x["q"], x["c"])
+    cos_BxNxL = xp.einsum("bnd,bld->bnl", x["c"], x["h"])
+    last_BxN = xp.where(mask_BxL[:, None, -1], cos_BxNxL[..., -1], 0.0)
+    closest_BxN = xp.where(mask_BxL.any(1)[:, None],
+                           xp.where(mask_BxL[:, None, :], cos_BxNxL, -np.inf).max(-1), 0.0)
     genres_BxNxG = x["item_genres"]
-    affinity_BxN = (np.einsum("bng,bg->bn", genres_BxNxG, x["history_genres"])
-                    / np.maximum(genres_BxNxG.sum(-1), 1.0))
-    return np.stack([score_BxN, last_BxN, closest_BxN, affinity_BxN], -1).astype(np.float32)
+    affinity_BxN = (xp.einsum("bng,bg->bn", genres_BxNxG, x["history_genres"])
+                    / xp.maximum(genres_BxNxG.sum(-1), 1.0))
+    return xp.stack([score_BxN, last_BxN, closest_BxN, affinity_BxN], -1).astype(np.float32)
+
+
+# ---- the same inputs inside the jitted serving call ---------------------------------------
+# JAX computes in 32 bits, so times travel as int32 pairs (day, second of the day) since 1970:
+# every request time (up to requests.MAX_TIME) is exact, and windows, ages and calendar years
+# are computed on the pairs.
+
+_NEVER = (np.iinfo(np.int32).max, 0)  # the (day, second) of an item's first event when it has none
+SEARCH_WAYS = 8  # window counts search each row's events 8-ary: 3 steps for 511 events
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceLayout:
+    """What `device_ranker_inputs` must know of `device_tables` when it is traced."""
+
+    dim: int  # D: item_floats[:, :D] are the item vectors
+    num_genres: int  # G: item_floats[:, D:D + G] the genres; item_floats[:, -1] the log popularity
+    search_steps: int  # SEARCH_WAYS-ary search steps that find a place in any row's events
+
+
+def split_time(seconds) -> np.ndarray:
+    """[..., 2] int32 (day, second of the day) of Unix seconds (negative: days before 1970)."""
+    s = np.asarray(seconds, np.int64)
+    return np.stack([s // DAY, s % DAY], -1).astype(np.int32)
+
+
+def device_tables(tables: RankerTables) -> tuple[dict, DeviceLayout]:
+    """The arrays `device_ranker_inputs` reads (numpy, to be placed on a device once) and their
+    layout. Item columns are packed so that a candidate row is one gather per dtype:
+      item_floats [V, D + G + 1]: vector, genres, log popularity;
+      item_ints [V, 5]: year bucket, its events' segment [start, end) in event_times, and the
+        (day, second) of its first event;
+      event_times [E + 1, 2]: every row's events as (day, second), each segment sorted by time
+        (as ItemTimeline's keys are), then one sentinel so that no search step reads past it;
+      user_features [U, F].
+    """
+    tl = tables.timeline
+    num_rows, dim = tables.item_vectors.shape
+    if len(tl.keys_E) >= np.iinfo(np.int32).max:
+        raise ValueError(f"ranker timeline: {len(tl.keys_E)} events do not fit int32 offsets")
+    rows_E = tl.keys_E >> _TIME_BITS
+    times_E = (tl.keys_E & ((1 << _TIME_BITS) - 1)) + tl.t0
+    offsets_V1 = np.searchsorted(rows_E, np.arange(num_rows + 1))
+    never_V = tl.first_time_V == np.iinfo(np.int64).max
+    first_Vx2 = np.where(never_V[:, None], np.asarray(_NEVER, np.int32),
+                         split_time(np.where(never_V, 0, tl.first_time_V)))
+    floats = np.concatenate([tables.item_vectors, tables.item_genres,
+                             tables.item_logpop[:, None]], 1).astype(np.float32)
+    ints = np.concatenate([tables.item_year[:, None], offsets_V1[:-1, None],
+                           offsets_V1[1:, None], first_Vx2], 1).astype(np.int32)
+    arrays = {"item_floats": floats, "item_ints": ints,
+              "event_times": np.concatenate([split_time(times_E), [_NEVER]]).astype(np.int32),
+              "user_features": tables.user_features}
+    longest, steps = int(np.diff(offsets_V1).max(initial=0)), 0
+    if longest * SEARCH_WAYS >= np.iinfo(np.int32).max:  # the search's pivot arithmetic
+        raise ValueError(f"ranker timeline: a row with {longest} events is beyond int32 search")
+    while SEARCH_WAYS ** steps <= longest:
+        steps += 1
+    return arrays, DeviceLayout(dim, tables.item_genres.shape[1], steps)
+
+
+def device_ranker_inputs(t: dict, layout: DeviceLayout, q_BxD, user_B, history_BxL, time_Bx2,
+                         last_time_Bx2, cand_BxN) -> dict:
+    """`ranker_inputs` in jax.numpy, for use inside jit: the same dict (input_spec's names and
+    dtypes) with the same values to float tolerance, read from `device_tables`' arrays `t`.
+
+    Args:
+      time_Bx2: `split_time` of the request times.
+      last_time_Bx2: `split_time` of each user's latest history event (negative: unknown).
+    """
+    f32 = jnp.float32
+    d, g = layout.dim, layout.num_genres
+    # Per request: history, its vectors and genre profile, context.
+    mask_BxL = history_BxL > 0
+    length_B = mask_BxL.sum(1)
+    known_B = last_time_Bx2[:, 0] >= 0
+    gap_days_B = jnp.where(known_B, jnp.maximum(_days_between(time_Bx2, last_time_Bx2), 0), 0)
+    hist_BxLxI = t["item_floats"][history_BxL]
+    history_genres_BxG = hist_BxLxI[..., d:d + g].sum(1) / jnp.maximum(length_B, 1)[:, None]
+    # Per candidate: popularity in trailing windows (events before the request time), age.
+    floats_BxNxI, ints_BxNx5 = t["item_floats"][cand_BxN], t["item_ints"][cand_BxN]
+    windows_K = jnp.asarray((0, *WINDOWS_DAYS), jnp.int32)
+    bounds_BxKx2 = jnp.stack([time_Bx2[:, :1] - windows_K,
+                              jnp.broadcast_to(time_Bx2[:, 1:], (len(time_Bx2), len(windows_K)))],
+                             -1)
+    before_BxNxK = _events_before(t["event_times"], ints_BxNx5[..., 1], ints_BxNx5[..., 2],
+                                  bounds_BxKx2, layout.search_steps)
+    counts_BxNxW = before_BxNxK[..., :1] - before_BxNxK[..., 1:]
+    first_BxNx2 = ints_BxNx5[..., 3:]
+    time_BxNx2 = jnp.broadcast_to(time_Bx2[:, None, :], first_BxNx2.shape)
+    known_BxN = _earlier(first_BxNx2, time_BxNx2)
+    age_days_BxN = jnp.where(known_BxN, _days_between(time_BxNx2, first_BxNx2), 0)
+    stats_BxNxS = jnp.concatenate(
+        [floats_BxNxI[..., -1:], jnp.log1p(counts_BxNxW.astype(f32)),
+         jnp.log1p(age_days_BxN)[..., None], known_BxN[..., None].astype(f32)], -1)
+    year_BxN = ints_BxNx5[..., 0]
+    gap_BxN = _year_bucket(time_Bx2)[:, None] - year_BxN
+    gap_BxN = jnp.where(year_BxN == 0, 0, jnp.where(gap_BxN < 0, 1, jnp.minimum(
+        gap_BxN + 2, GAP_BUCKETS - 1)))
+    out = {"q": q_BxD, "user": user_B, "user_feats": t["user_features"][user_B],
+           "history": history_BxL, "h": hist_BxLxI[..., :d], "history_genres": history_genres_BxG,
+           "context": jnp.stack([jnp.log1p(length_B.astype(f32)), jnp.log1p(gap_days_B),
+                                 known_B.astype(f32)], axis=1),
+           "item": cand_BxN, "c": floats_BxNxI[..., :d], "item_genres": floats_BxNxI[..., d:d + g],
+           "item_year": year_BxN, "year_gap": gap_BxN, "item_stats": stats_BxNxS}
+    out["item_sims"] = similarities(out, jnp)
+    spec = input_spec(0, 0, 0, 0)  # only the dtypes are read
+    return {k: jnp.asarray(v, spec[k][0]) for k, v in out.items()}
+
+
+def _days_between(later_Xx2, earlier_Xx2):
+    """(later - earlier) in days, float32, of (day, second) pairs [..., 2]."""
+    diff = later_Xx2 - earlier_Xx2
+    return diff[..., 0].astype(jnp.float32) + diff[..., 1].astype(jnp.float32) / DAY
+
+
+def _earlier(a_Xx2, b_Xx2):
+    """a < b for (day, second) pairs [..., 2]."""
+    return (a_Xx2[..., 0] < b_Xx2[..., 0]) | ((a_Xx2[..., 0] == b_Xx2[..., 0])
+                                               & (a_Xx2[..., 1] < b_Xx2[..., 1]))
+
+
+def _events_before(events_Ex2, starts_BxN, ends_BxN, bounds_BxKx2, steps: int):
+    """[B, N, K] events in each candidate's segment [start, end) of `events_Ex2` (sorted)
+    earlier than each of its request's K bounds.
+
+    A SEARCH_WAYS-ary search: each step compares the events at the W - 1 pivots
+    lo + j * m // W (j = 1 .. W - 1) of the remaining range [lo, lo + m) with the bound and keeps
+    the part between the last pivot before it and the first one not before it, so the range
+    shrinks to at most m // W (empty after `steps`).
+    """
+    w = SEARCH_WAYS
+    shape = (*starts_BxN.shape, bounds_BxKx2.shape[1])
+    lo = jnp.broadcast_to(starts_BxN[..., None], shape)
+    hi = jnp.broadcast_to(ends_BxN[..., None], shape)
+    bound_BxNxKx1x2 = bounds_BxKx2[:, None, :, None, :]
+    j_P = jnp.arange(1, w, dtype=jnp.int32)
+    for _ in range(steps):
+        m = hi - lo
+        pivots_P = lo[..., None] + j_P * m[..., None] // w  # in [lo, hi) when m > 0
+        below_P = _earlier(events_Ex2[pivots_P], bound_BxNxKx1x2) & (m[..., None] > 0)
+        c = below_P.sum(-1, dtype=jnp.int32)  # pivots before the bound: a prefix (sorted)
+        lo, hi = (jnp.where(c > 0, lo + c * m // w + 1, lo),
+                  jnp.where(c < w - 1, lo + (c + 1) * m // w, hi))
+    return lo - starts_BxN[..., None]
+
+
+def _year_bucket(time_Bx2):
+    """`recsys.features.year_bucket_of_time` of (day, second) pairs, exactly, in int32: a
+    Gregorian year of 365.2425 days is 216 x 146097 seconds, and a day 216 x 400."""
+    years_B = 1970 + (time_Bx2[:, 0] * 400 + time_Bx2[:, 1] // 216) // 146097
+    return jnp.where(years_B > 0, jnp.clip((years_B - 1900) // 5 + 1, 1, NUM_YEAR_BUCKETS - 1),
+                     0)
 
 
 def numeric_stats(inputs: list[dict]) -> tuple[np.ndarray, np.ndarray]:

@@ -66,13 +66,13 @@ def allowed(reqs: list[Request], cand_BxM: np.ndarray, available_V: np.ndarray,
     b, _ = cand_BxM.shape
     rows_BxM = np.maximum(cand_BxM, 0)
     ok = (cand_BxM > 0) & available_V[rows_BxM]
-    # Seen and excluded rows: one membership test over (request, row) keys.
-    num_rows = len(available_V)
-    banned = [i * num_rows + np.concatenate([r.seen_rows, r.exclude_rows]).astype(np.int64)
-              for i, r in enumerate(reqs)]
-    if any(len(x) for x in banned):
-        keys_BxM = np.arange(b)[:, None] * num_rows + rows_BxM
-        ok &= ~np.isin(keys_BxM, np.concatenate(banned))
+    # Seen and excluded rows: each request's candidates searched in its own sorted list (a few
+    # microseconds a request; np.isin over (request, row) keys took ~40 for a single request).
+    for i, r in enumerate(reqs):
+        banned = np.sort(np.concatenate([r.seen_rows, r.exclude_rows]))
+        if len(banned):
+            at = np.minimum(np.searchsorted(banned, rows_BxM[i]), len(banned) - 1)
+            ok[i] &= banned[at] != rows_BxM[i]
     if not any(r.filters for r in reqs):
         return ok
     col = {name: i for i, name in enumerate(genre_names)}

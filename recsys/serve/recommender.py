@@ -228,11 +228,12 @@ def _run(s: Stages, reqs: list[Request], t0: float) -> list[Recommendation]:
     marks = [time.perf_counter()]
     hist_BxL = s.retriever.histories(reqs)
     q_BxD = s.retriever.request_vectors(reqs, hist_BxL)
-    fetch = s.retriever.depth(reqs)
-    cand_BxM = s.retriever.retrieve(reqs, q_BxD, hist_BxL, fetch)
+    depth_B = np.asarray([s.retriever.depth(r) for r in reqs], np.int64)
+    groups = s.retriever.search(reqs, q_BxD, hist_BxL, depth_B)
     marks.append(time.perf_counter())
-    cand_BxN = s.filter.first_allowed(reqs, cand_BxM)
-    cand_BxN = s.retriever.refetch(reqs, q_BxD, hist_BxL, cand_BxN, fetch, s.filter.first_allowed)
+    cand_BxN = s.retriever.first_allowed(reqs, groups, s.filter.first_allowed)
+    cand_BxN = s.retriever.refetch(reqs, q_BxD, hist_BxL, cand_BxN, depth_B,
+                                   s.filter.first_allowed)
     marks.append(time.perf_counter())
     score_BxN = s.scorer.score(reqs, q_BxD, hist_BxL, cand_BxN)
     marks.append(time.perf_counter())

@@ -1,5 +1,10 @@
 """Stage 1, retrieval: query vectors over padded batch buckets, the ScaNN search, popular items
-for cold requests, the extra sources, and deeper searches for requests that filtering leaves short."""
+for cold requests, the extra sources, and deeper searches for requests that filtering leaves short.
+
+Each request's search depth is its own (`depth`): N plus room for its own seen and excluded
+items, so one heavy user does not make every request of its batch fetch thousands; a batch is
+searched in groups of requests of equal depth, and a request gets the same candidates alone as
+in any batch."""
 
 from __future__ import annotations
 
@@ -64,10 +69,33 @@ class Retriever:
                               pad(np.asarray(hist_BxL, np.int32), size), context)
         return np.asarray(a.query_fn(a.query_params, inputs))[:b]
 
-    def depth(self, reqs: list[Request]) -> int:
-        """R': the first search depth, N plus room for what filtering drops."""
-        extra = max(len(r.seen_rows) + len(r.exclude_rows) for r in reqs)
-        return min(self.num_candidates + extra, self.num_rows - 1)
+    def depth(self, r: Request) -> int:
+        """R' of one request: N plus room for what filtering drops of its own seen and excluded
+        items, that room rounded up to a power of two (so a batch has few distinct depths)."""
+        extra = len(r.seen_rows) + len(r.exclude_rows)
+        room = 0 if extra == 0 else 1 << (extra - 1).bit_length()
+        return min(self.num_candidates + room, self.num_rows - 1)
+
+    def search(self, reqs: list[Request], q_BxD, hist_BxL,
+               depth_B: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Each request's own top-`depth_B[i]` (`retrieve`), one search per group of equal
+        depth: [(indices into reqs, their candidate rows [b, M])]."""
+        groups = []
+        for fetch in np.unique(depth_B):
+            idx = np.flatnonzero(depth_B == fetch)
+            groups.append((idx, self.retrieve([reqs[i] for i in idx], q_BxD[idx], hist_BxL[idx],
+                                              int(fetch))))
+        return groups
+
+    def first_allowed(self, reqs: list[Request], groups: list[tuple[np.ndarray, np.ndarray]],
+                      first_allowed: Callable[[list[Request], np.ndarray], np.ndarray],
+                      ) -> np.ndarray:
+        """[B, N] rows: stage 2's rule, first_allowed(reqs, cand_BxM), over each group of
+        `search`."""
+        cand_BxN = np.full((len(reqs), self.num_candidates), -1, np.int64)
+        for idx, cand_bxM in groups:
+            cand_BxN[idx] = first_allowed([reqs[i] for i in idx], cand_bxM)
+        return cand_BxN
 
     def retrieve(self, reqs: list[Request], q_BxD, hist_BxL, fetch: int) -> np.ndarray:
         """ScaNN top-`fetch`, popular items for cold requests, and the extra sources, merged
@@ -84,20 +112,26 @@ class Retriever:
             rows_BxR = np.concatenate([rows_BxR[:, :head], sources, rows_BxR[:, head:]], axis=1)
         return _dedupe(rows_BxR, self.num_rows)
 
-    def refetch(self, reqs: list[Request], q_BxD, hist_BxL, cand_BxN: np.ndarray, fetch: int,
+    def refetch(self, reqs: list[Request], q_BxD, hist_BxL, cand_BxN: np.ndarray,
+                depth_B: np.ndarray,
                 first_allowed: Callable[[list[Request], np.ndarray], np.ndarray]) -> np.ndarray:
-        """Requests with fewer than k allowed candidates in cand_BxN search again, deeper, until
-        they have them or reach the limit (attribute filters can ban most of a user's
-        neighbourhood). first_allowed(reqs, cand_BxM) is stage 2's rule."""
-        n = self.num_candidates
-        limit = min(fetch * REFETCH_LIMIT, self.num_rows - 1)
-        short = [i for i, r in enumerate(reqs) if (cand_BxN[i] > 0).sum() < min(r.k, n)]
-        while short and fetch < limit:
-            fetch = min(fetch * REFETCH_GROWTH, limit)
-            sub = [reqs[i] for i in short]
-            cand_BxN[short] = first_allowed(sub, self.retrieve(sub, q_BxD[short],
-                                                               hist_BxL[short], fetch))
-            short = [i for i in short if (cand_BxN[i] > 0).sum() < min(reqs[i].k, n)]
+        """Requests with fewer than k allowed candidates in cand_BxN search again, each 4x deeper
+        than its last search, until they have them or reach 64x their first depth (attribute
+        filters can ban most of a user's neighbourhood)."""
+        wanted_B = np.minimum([r.k for r in reqs], self.num_candidates)
+        limit_B = np.minimum(depth_B * REFETCH_LIMIT, self.num_rows - 1)
+        fetch_B = np.array(depth_B, np.int64)
+
+        def short() -> np.ndarray:
+            return np.flatnonzero((fetch_B < limit_B) & ((cand_BxN > 0).sum(1) < wanted_B))
+
+        todo = short()
+        while len(todo):
+            fetch_B[todo] = np.minimum(fetch_B[todo] * REFETCH_GROWTH, limit_B[todo])
+            sub = [reqs[i] for i in todo]
+            groups = self.search(sub, q_BxD[todo], hist_BxL[todo], fetch_B[todo])
+            cand_BxN[todo] = self.first_allowed(sub, groups, first_allowed)
+            todo = short()
         return cand_BxN
 
     def _extra_sources(self, reqs: list[Request], hist_BxL: np.ndarray) -> np.ndarray | None:

@@ -50,6 +50,8 @@ class Prefetcher:
     def _run(self) -> None:
         try:
             for item in self._items:
+                if self._stop.is_set():  # closed: build nothing more
+                    return
                 out = self._timed_build(item)
                 while not self._put((item, out)):
                     if self._stop.is_set():
@@ -92,7 +94,7 @@ class Prefetcher:
     def close(self) -> None:
         self._stop.set()
         if self._thread is not None:
-            while self._thread.is_alive():
+            while self._thread.is_alive():  # the producer sees the flag at its next item or put
                 try:  # unblock a producer waiting for room
                     self._queue.get_nowait()
                 except queue.Empty:
