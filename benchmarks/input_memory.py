@@ -1,6 +1,6 @@
 """Training input from prepared data: the reading process's memory does not grow with the events.
 
-    flock /tmp/recsys-bench.lock python -m benchmarks.input_memory --json docs/input_memory.json
+    python -m benchmarks.input_memory --json docs/input_memory.json
 
 For each size (synthetic data, about 1M and 10M events), `recsys prepare`s the training
 examples, then reads `--steps` global batches through the Grain reader in a fresh process

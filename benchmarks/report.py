@@ -480,7 +480,7 @@ SECTIONS = {
                        "--json docs/serving.json", serving_table),
     "sharding": Section("sharding.json", "python -m benchmarks.sharding --json docs/sharding.json",
                         sharding_table),
-    "throughput": Section("throughput.json", "flock /tmp/recsys-bench.lock python -m "
+    "throughput": Section("throughput.json", "python -m "
                           "benchmarks.throughput --json docs/throughput.json", throughput_table),
     "scale": Section("scale_runs.json", "the two recsys pipeline commands of the section",
                      scale_table),

@@ -1,6 +1,6 @@
 """Training throughput: recsys against TensorFlow Recommenders on the same data and model.
 
-    flock /tmp/recsys-bench.lock python -m benchmarks.throughput --json docs/throughput.json
+    python -m benchmarks.throughput --json docs/throughput.json
     python -m benchmarks.report                   # renders docs/results.md "Training throughput"
 
 The peer is optional and lives in its own venv (TensorFlow pins protobuf):
@@ -354,7 +354,7 @@ def main(argv=None) -> dict:
         return {}
 
     t0, load_before = time.time(), os.getloadavg()
-    out: dict = {"data": str(args.data), "batch_sizes": args.batch_sizes}
+    out: dict = {"data": os.path.relpath(args.data, ROOT), "batch_sizes": args.batch_sizes}
     if not (args.data / "ratings.csv").is_file():
         reason = f"no MovieLens data at {args.data} (ratings.csv missing): nothing measured"
         say(f"skipped: {reason}")
