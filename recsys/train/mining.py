@@ -181,11 +181,6 @@ class MinedNegatives:
                 del self._tables[old]
             self._cond.notify_all()
 
-    def refresh(self, model, step: int) -> None:
-        """The synchronous loop's name for `begin` (called where `due`); remove once loop.py
-        calls begin."""
-        self.begin(step, model)
-
     def at(self, step: int, positions_B: np.ndarray):
         """The mined negatives of batch `step` for these positions (thread-safe).
 
