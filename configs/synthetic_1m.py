@@ -4,15 +4,12 @@
 """
 
 import dataclasses
-import importlib.util
 import pathlib
 
+from recsys import config
 
-def get_config():
-    path = pathlib.Path(__file__).with_name("synthetic_10m.py")
-    spec = importlib.util.spec_from_file_location("synthetic_10m", path)
-    base = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(base)
-    cfg = base.get_config()
-    return dataclasses.replace(cfg, name="synthetic-1m", data=dataclasses.replace(
-        cfg.data, num_users=20_000, num_items=1_000_000))
+
+def get_config() -> config.Config:
+    base = config.load(pathlib.Path(__file__).with_name("synthetic_10m.py"))
+    return dataclasses.replace(base, name="synthetic-1m", data=dataclasses.replace(
+        base.data, num_users=20_000, num_items=1_000_000))

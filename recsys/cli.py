@@ -8,104 +8,9 @@ import logging
 import pathlib
 import sys
 
+from recsys.cli_help import DESCRIPTION, EXAMPLES, HELP
+
 USER_ERRORS: tuple[type[BaseException], ...] = ()  # filled in main() after the heavy imports
-
-DESCRIPTION = """\
-Train a two-tower retrieval model and a ranker, export them with a ScaNN index, and serve
-recommendations through four stages (retrieve, filter, score, order).
-
-A run lives in a workdir: config.json, checkpoints/, metrics.jsonl and tb/ (training curves),
-metrics.json (test metrics), artifacts/ (what serving loads) and report/ (pictures)."""
-
-EXAMPLES = """\
-start here:
-  recsys pipeline --config configs/quickstart.py --workdir runs/quickstart
-  recsys serve --artifacts runs/quickstart/artifacts --user 42
-  recsys report --workdir runs/quickstart
-
-`recsys COMMAND --help` says what a command does, what it writes, and gives an example.
-`--set section.field=value` overrides any config field; `recsys config` lists them all."""
-
-# Each command's --help: what it does and writes, then an example (shown under "example:").
-HELP = {
-    "pipeline": ("""\
-Run a whole experiment: train the retrieval model and the ranker, export the artifacts with a
-fresh index, and evaluate every stage on the test split.
-
-Writes into WORKDIR: config.json (the resolved config), checkpoints/, metrics.jsonl and tb/
-(training curves), metrics.json (test metrics) and artifacts/ (what serving loads). Ends with a
-summary and a sample recommendation.""",
-                 "recsys pipeline --config configs/quickstart.py --workdir runs/quickstart"),
-    "train": ("""\
-Train the retrieval model, then the ranker, resuming from WORKDIR/checkpoints when a run was
-interrupted.
-
-Writes into WORKDIR: config.json, checkpoints/, metrics.jsonl and tb/ (training curves), and the
-train/* and ranker/* keys of metrics.json. Prints those keys.""",
-              "recsys train --config configs/tiny.py --workdir runs/tiny --set train.num_steps=20"),
-    "export": ("""\
-Export the models of a finished `recsys train` (never trains): towers, ranker, item vectors,
-features and a ScaNN index.
-
-Writes WORKDIR/artifacts/versions/<id>/ (under a temporary name, renamed when complete) and
-switches WORKDIR/artifacts/current to it; old versions beyond export.keep_versions go.""",
-               "recsys export --config configs/tiny.py --workdir runs/tiny"),
-    "eval": ("""\
-Evaluate the checkpoints, the published index and the served pipeline on the test split
-(never trains).
-
-Writes retrieval/*, index/recall@10, pipeline/* and ordering/* into WORKDIR/metrics.json and
-prints a summary.""",
-             "recsys eval --config configs/tiny.py --workdir runs/tiny"),
-    "plan": ("""\
-Print the memory plan of a config: bytes per device of the embedding tables, optimizer state,
-activations and logits, and whether they fit. Plans for the config's mesh, even one larger
-than this machine, and for the config's data, or for a catalogue size given by --num-items and
---num-users without reading any data. Writes nothing.""",
-             ("recsys plan --config configs/quickstart.py --set mesh.data=4 --set mesh.model=2 "
-              "--device-memory 16")),
-    "index": ("""\
-Rebuild the index of an artifacts directory with new index.* settings (the models are
-unchanged).
-
-Writes a new version beside the old one in ARTIFACTS/versions/ and switches `current` to it.
-Prints the new index's recall@10 on item-neighbourhood queries.""",
-              "recsys index --artifacts runs/quickstart/artifacts --set index.leaves_to_search=96"),
-    "serve": ("""\
-Print recommendations from an artifacts directory for a known user (--user) or a new one
-given by a history of item ids (--history), with titles when known and the milliseconds of
-each stage. Writes nothing.""",
-              "recsys serve --artifacts runs/quickstart/artifacts --history 17,256,1024 --k 5"),
-    "serve-http": ("""\
-Serve recommendations over HTTP from an artifacts directory: POST /recommend and
-/recommend_batch (JSON), GET /healthz and /metrics (Prometheus), POST /admin/reload.
-Needs the http extra (pip install 'recsys[http]'). Writes nothing; logs to stderr.""",
-                   "recsys serve-http --artifacts runs/quickstart/artifacts --port 8000"),
-    "config": ("""\
-Print the resolved config of a config file and its overrides: every field, one line each,
-grouped by section, with its value, its default and what it means. Fields that differ from
-the default are marked with *. Writes nothing.""",
-               ("recsys config --config configs/movielens.py "
-                "--set data.path=../shared/data/ml-latest-small")),
-    "prepare": ("""\
-Materialise the config's training examples once (each training event with its history, time
-context, user and item features, in training order) so that training reads them a batch at a
-time with Grain instead of building them in memory: `--set data.prepared=OUT` on recsys train.
-With --beam, TFDS's Apache Beam pipeline writes them (DirectRunner here; Dataflow, Flink or
-Spark through --beam-options; needs recsys[beam]).
-
-Writes OUT/spec.json, OUT/tables.npz and OUT/recsys_examples/1.0.0/ (TFDS ArrayRecord shards),
-under OUT.tmp renamed to OUT when complete. Prints the counts.""",
-                "recsys prepare --config configs/quickstart.py --out runs/prepared/quickstart"),
-    "report": ("""\
-Draw pictures of a run as PNG files: training curves (from metrics.jsonl), HR@K of retrieval
-and the pipeline against the popularity baseline, the index's recall@10 against queries per
-CPU-second, and a per-stage latency histogram of the served artifacts. A picture whose inputs the
-workdir lacks is skipped with a one-line reason. Needs matplotlib (pip install 'recsys[report]').
-
-Writes WORKDIR/report/{curves,hr_at_k,index,latency}.png (or into --out).""",
-               "recsys report --workdir runs/quickstart"),
-}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -350,76 +255,8 @@ def cmd_serve_http(args) -> int:
 def cmd_config(args) -> int:
     from recsys import config as config_lib
     cfg = config_lib.apply_overrides(config_lib.load(args.config), args.set)
-    print(_format_config(cfg, args.config))
+    print(config_lib.listing(cfg, args.config))
     return 0
-
-
-def _format_config(cfg, source: str) -> str:
-    """One line per field, grouped by section: name, value, default and the field's comment."""
-    import dataclasses
-
-    from recsys import config as config_lib
-    comments = _field_comments()
-    default = config_lib.Config()
-    groups = [("", cfg, default)] + [(f.name, getattr(cfg, f.name), getattr(default, f.name))
-                                     for f in dataclasses.fields(cfg)
-                                     if dataclasses.is_dataclass(getattr(cfg, f.name))]
-    rows = []  # (section, marker, name, value, default, comment)
-    for section, obj, base in groups:
-        for f in dataclasses.fields(obj):
-            value, dflt = getattr(obj, f.name), getattr(base, f.name)
-            if not dataclasses.is_dataclass(value):
-                rows.append((section, "*" if value != dflt else " ", f.name, repr(value),
-                             repr(dflt), comments.get((type(obj).__name__, f.name), "")))
-    name_w = max(len(r[2]) for r in rows)
-    value_w = min(max(len(r[3]) for r in rows), 24)
-    dflt_w = min(max(len(r[4]) for r in rows), 24)
-    lines = [f"# {source}: the resolved config; * marks a value that differs from the default"]
-    for section in dict.fromkeys(r[0] for r in rows):
-        if section:
-            doc = (type(getattr(cfg, section)).__doc__ or "").strip().splitlines()[0]
-            lines.append(f"\n[{section}]" + ("" if doc.startswith(type(getattr(cfg, section))
-                                                                   .__name__) else f"  {doc}"))
-        for _, mark, name, value, dflt, comment in (r for r in rows if r[0] == section):
-            lines.append(f"{mark} {name:<{name_w}}  {value:<{value_w}}  default {dflt:<{dflt_w}}"
-                         f"  {comment}".rstrip())
-    return "\n".join(lines)
-
-
-def _field_comments() -> dict[tuple[str, str], str]:
-    """{(class, field): the field's comment in recsys/config.py}: the comment on its line (with
-    the comment lines below when it ends open), else the comment lines right above it."""
-    import ast
-    import inspect
-    import io
-    import tokenize
-
-    from recsys import config as config_lib
-    source = inspect.getsource(config_lib)
-    lines = source.splitlines()
-    comments = {tok.start[0]: tok.string.lstrip("#").strip()
-                for tok in tokenize.generate_tokens(io.StringIO(source).readline)
-                if tok.type == tokenize.COMMENT}
-    alone = {n for n in comments if lines[n - 1].lstrip().startswith("#")}
-    still_open = (lambda s: s.endswith((";", ":", ",")) or s.count("(") > s.count(")"))
-    out = {}
-    for cls in ast.parse(source).body:
-        for stmt in cls.body if isinstance(cls, ast.ClassDef) else ():
-            if not (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)):
-                continue
-            n = stmt.end_lineno
-            if n in comments and n not in alone:
-                text = [comments[n]]
-                while still_open(text[-1]) and n + 1 in alone:
-                    n += 1
-                    text.append(comments[n])
-            else:
-                text, n = [], stmt.lineno - 1
-                while n in alone:
-                    text.insert(0, comments[n])
-                    n -= 1
-            out[(cls.name, stmt.target.id)] = " ".join(text)
-    return out
 
 
 def cmd_report(args) -> int:
