@@ -287,7 +287,10 @@ def throughput_table(d: dict) -> str:
         notes.append(f"`configs/movielens.py`, its own training end to end: "
                      f"{d['movielens_examples_per_sec_end_to_end']:,.0f} examples/s; at batch "
                      f"1,024 host input is {d['host_input_fraction']:.1%} of the training wall "
-                     "time (`host_input_fraction`).")
+                     "time (`host_input_fraction`)"
+                     + (f", and waiting for mining refreshes still running on their thread "
+                        f"{d['mining_wait_fraction']:.1%} (`mining_wait_fraction`)"
+                        if d.get("mining_wait_fraction") is not None else "") + ".")
     if d.get("devices"):
         dev = d["devices"]
         steps = dev["step_examples_per_sec"]

@@ -26,7 +26,9 @@ Writes JSON with:
                            and examples_per_cpu_s cover only the timed steps (between two logged
                            steps), like TFRS's timed model.fit
   host_input_fraction      configs/movielens.py at batch 1024: train/host_input_seconds /
-                           train/seconds from the loop's metrics
+                           train/seconds from the loop's metrics (building batches; waits for
+                           an unfinished mining refresh are not input and are counted apart:)
+  mining_wait_fraction     the same run's train/mining_wait_seconds / train/seconds
   movielens_examples_per_sec_end_to_end  configs/movielens.py's own training, end to end
   devices                  recsys on 1, 2, 4, 8 fake CPU devices (XLA_FLAGS): step_examples_per_sec
                            (over the timed steps), examples_per_cpu_s, examples_per_sec_end_to_end
@@ -202,6 +204,7 @@ def recsys_child(spec: dict) -> dict:
             "device_examples_per_sec": m.get("train/device_examples_per_sec"),
             "seconds": m["train/seconds"], "host_input_seconds": m["train/host_input_seconds"],
             "input_wait_seconds": m.get("train/input_wait_seconds"),
+            "mining_wait_seconds": m.get("train/mining_wait_seconds"),
             "window_examples_per_sec": examples / (t1 - t0) if t1 > t0 else None,
             "examples_per_cpu_s": examples / (c1 - c0) if c1 > c0 else None,
             "final_loss": m["train/final_loss"], "load_avg_1m": os.getloadavg()[0]}
@@ -382,6 +385,7 @@ def main(argv=None) -> dict:
         out["movielens_examples_per_sec_end_to_end"] = ml["own"]["examples_per_sec"]
         b1024 = ml["batch_1024"]
         out["host_input_fraction"] = b1024["host_input_seconds"] / b1024["seconds"]
+        out["mining_wait_fraction"] = b1024["mining_wait_seconds"] / b1024["seconds"]
     if not args.skip_devices:
         out["devices"] = device_scaling(args)
     if not args.skip_rows:

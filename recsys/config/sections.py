@@ -219,8 +219,9 @@ class TrainConfig(_Section):
     prefetch: int = 2  # global batches built and placed ahead on a background thread (0 = inline)
     steps_per_call: int = 1  # steps per jitted call (a lax.scan over stacked batches)
     compute_dtype: Literal["float32", "bfloat16"] = "float32"  # tower matmuls and logits
-    # Rows of the [B, N] logits computed at once, recomputed in the backward pass (0 = all rows
-    # below 2048 examples, else a ~2 MiB block: 64 rows at B=8192): the whole matrix never exists.
+    # Block of the [B, N] logits computed at once, recomputed in the backward pass: columns of
+    # the fused in-batch softmax, or rows with hard_negatives (0 = the whole matrix below 2048
+    # examples, else a ~4 MiB block of columns, 128 at B=8192, or ~2 MiB of rows, 64).
     logits_chunk: int = 0
 
     def _check(self) -> None:

@@ -12,16 +12,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from recsys.models import layers
+from recsys.models import fused_softmax, layers
 
-# Set by the train step (train.logits_chunk): rows of the logits sampled_softmax_loss computes at
-# once when its caller does not say.
+# Set by the train step (train.logits_chunk): the block of the logits (columns of the fused
+# in-batch softmax, or rows with hard negatives) sampled_softmax_loss computes at once when its
+# caller does not say.
 _ROW_CHUNK: contextvars.ContextVar = contextvars.ContextVar("row_chunk", default=0)
 
 
 @contextlib.contextmanager
 def chunked_logits(rows: int):
-    """Within the block, sampled_softmax_loss computes about `rows` logits rows at a time."""
+    """Within the block, sampled_softmax_loss computes its logits in blocks of about `rows`
+    (columns of the fused in-batch softmax, or rows with hard negatives)."""
     token = _ROW_CHUNK.set(rows)
     try:
         yield
@@ -238,11 +240,12 @@ def sampled_softmax_loss(q_BxD, c_BxD, temperature, item_B, *, log_q_B=None,
       log_q_B: log q of each in-batch candidate, or None for no correction.
       extra: further negative sources, each corrected by its own log_q and masked.
       hard_negatives: keep only this many highest-scoring negatives per row (0 = all).
-      row_chunk: compute the logits of about this many rows at a time and recompute them in
-        the backward pass (0 = all rows at once; None = as `chunked_logits` set, else 0).
-        Every row's loss depends only on its own
-        logits row, so the result is the same; the whole [B, N] matrix never exists, which
-        at large B saves the memory traffic that dominates the step.
+      row_chunk: the logits are computed in blocks and recomputed in the backward pass, so
+        the whole [B, N] matrix never exists, which at large B saves the memory traffic that
+        dominates the step (0 = all at once; None = as `chunked_logits` set, else 0). Without
+        hard negatives the in-batch block is walked in blocks of about this many columns
+        (recsys.models.fused_softmax); with them, about this many rows at a time (a row's hard
+        negatives need its whole row). The result is the same either way.
 
     Returns:
       The mean cross-entropy over rows.
@@ -275,8 +278,14 @@ def sampled_softmax_loss(q_BxD, c_BxD, temperature, item_B, *, log_q_B=None,
         return -jnp.take_along_axis(log_p_RxN, labels_R[:, None], axis=1)[:, 0]
 
     b = q_BxD.shape[0]
+    row_chunk = _ROW_CHUNK.get() if row_chunk is None else row_chunk
+    if hard_negatives <= 0 or hard_negatives >= b + sum(_shape(s.items)[-1] for s in extra) - 1:
+        # Every column stays: the in-batch block is one fused log-sum-exp (fused_softmax), in
+        # column blocks of row_chunk, and the small extra blocks join it per row.
+        return _fused_loss(q_BxD, c_BxD, temperature, item_B, log_q_B, extra,
+                           remove_accidental_hits, row_chunk)
     labels_B = jnp.arange(b)
-    chunks = _num_chunks(b, _ROW_CHUNK.get() if row_chunk is None else row_chunk)
+    chunks = _num_chunks(b, row_chunk)
     if chunks == 1:
         return row_nll(q_BxD, labels_B, item_B, extra).mean()
     # Chunk i holds rows i, i + m, i + 2m, ...: a [B] axis split over devices in contiguous
@@ -298,6 +307,23 @@ def sampled_softmax_loss(q_BxD, c_BxD, temperature, item_B, *, log_q_B=None,
         return row_nll(q_RxD, labels_R, item_R, tuple(row_extra))
 
     return jax.lax.map(chunk_nll, rows).mean()
+
+
+def _fused_loss(q_BxD, c_BxD, temperature, item_B, log_q_B, extra, remove_accidental_hits,
+                block: int):
+    """sampled_softmax_loss without hard-negative selection: the in-batch block's log-sum-exp
+    from fused_softmax (never the whole [B, B] matrix in the backward pass), the extra sources'
+    logits beside it, minus each row's label logit."""
+    lse_B = fused_softmax.in_batch_logsumexp(q_BxD, c_BxD, temperature, log_q_B, item_B,
+                                             mask_hits=remove_accidental_hits, block=block)
+    label_B = _scores("bd,bd->b", q_BxD, c_BxD) / temperature
+    if log_q_B is not None:
+        label_B = label_B - log_q_B
+    if extra:
+        blocks = [lse_B[:, None]] + [source_logits(q_BxD, item_B, s, temperature,
+                                                   remove_accidental_hits) for s in extra]
+        lse_B = jax.nn.logsumexp(jnp.concatenate(blocks, axis=1), axis=1)
+    return (lse_B - label_B).mean()
 
 
 def _num_chunks(b: int, row_chunk: int) -> int:

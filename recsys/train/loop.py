@@ -252,6 +252,7 @@ def train_retrieval(cfg: Config, ds: Dataset, workdir: pathlib.Path, mesh: jax.s
             checkpoint.wait(mngr)
             log.flush()
         seconds = time.perf_counter() - timing["t0"] if timing["t0"] else 0.0
+        mining_wait = miner.wait_seconds if miner is not None else 0.0
     metrics = {"train/steps": step, "train/final_loss": loss,
                # End to end: every second after the first (compiling) call, input, logging,
                # validation and checkpoints included.
@@ -259,7 +260,10 @@ def train_retrieval(cfg: Config, ds: Dataset, workdir: pathlib.Path, mesh: jax.s
                "train/device_examples_per_sec": (clock.steps * tc.batch_size / clock.busy_seconds
                                                  if clock.busy_seconds else 0.0),
                "train/seconds": seconds,
-               "train/host_input_seconds": timing["input"],
+               # Building batches on the host; waits for an unfinished mining refresh (inside
+               # a batch's build, not input work) are counted apart.
+               "train/host_input_seconds": timing["input"] - mining_wait,
+               "train/mining_wait_seconds": mining_wait,
                "train/input_wait_seconds": timing["wait"],
                "eval/trained_on": cfg.data.trained_on}
     if best["state"] is not None:

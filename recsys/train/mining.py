@@ -142,6 +142,7 @@ class MinedNegatives:
         self._item_inputs = item_inputs(ds.features, np.arange(len(ds.features.item_year)))
         self.dim: int | None = None  # D of the item vectors, known after restore or a refresh
         self.seconds: dict[int, float] = {}  # refresh step -> seconds its search took
+        self.wait_seconds = 0.0  # seconds `at` waited for an unfinished refresh
         self._pool = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mining")
                       if background and self.lag > 0 else None)
         self._cond = threading.Condition()
@@ -313,7 +314,12 @@ class MinedNegatives:
                 raise RuntimeError(f"the mined table of step {step} was never begun: the loop must "
                                    f"call MinedNegatives.begin({step}, model) at step {step}")
             future = self._tables[step]
-        return future.result()
+        if future.done():
+            return future.result()
+        t0 = time.perf_counter()  # the search is still running: the batch waits for it
+        table = future.result()
+        self.wait_seconds += time.perf_counter() - t0
+        return table
 
     def _path(self, step: int) -> pathlib.Path:
         return self.directory / f"mined-{step}.npz"
