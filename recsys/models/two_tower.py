@@ -37,6 +37,19 @@ def time_features(time_context_Bx2):
     return jnp.stack([gap_B, era_B], axis=1)
 
 
+def input_names(cfg: ModelConfig, vocab: Vocabularies) -> tuple[str, ...]:
+    """The batch keys `TwoTower(cfg, vocab)` reads: a batch need not carry (nor send to the
+    device) the others."""
+    names = ["history", "item"]
+    if cfg.use_user_id:
+        names.append("user")
+    if cfg.use_features:
+        names += ["item_genres", "item_year"] + (["user_feats"] if vocab.user_cardinalities else [])
+    if cfg.time_features:
+        names.append("time_context")
+    return tuple(names)
+
+
 class TwoTower(nnx.Module):
     """Query tower (user id, pooled history, user features) and candidate tower (id, genres, year).
 

@@ -18,7 +18,7 @@ from recsys.data.dataset import Dataset
 from recsys.data.schema import DataError
 from recsys.eval import protocol
 from recsys.metrics_log import MetricsLog
-from recsys.models.two_tower import TwoTower, Vocabularies
+from recsys.models.two_tower import TwoTower, Vocabularies, input_names
 from recsys.progress import Progress
 from recsys.train import checkpoint, mining, negatives, prefetch, steps
 from recsys.train import state as state_lib
@@ -144,16 +144,19 @@ def train_retrieval(cfg: Config, ds: Dataset, workdir: pathlib.Path, mesh: jax.s
             if "input" in meta:  # refuses a checkpoint whose steps meant other batches
                 reader.set_state(meta["input"])
 
+        read_by_model = input_names(cfg.model, vocab)  # the rest is never sent to the device
+
         def host_batch(step):
             if reader is None:
                 positions_B = order.at(step, rows=rows)
-                batch = example_inputs(ds, positions_B)
+                inputs = example_inputs(ds, positions_B)
             else:
                 read = next(reader)
                 if read.step != step:
                     raise RuntimeError(f"the prepared-data reader is at step {read.step}, "
                                        f"the loop at {step}")
-                positions_B, batch = read.positions, dict(read.inputs)
+                positions_B, inputs = read.positions, read.inputs
+            batch = {k: inputs[k] for k in read_by_model}
             batch["negatives"] = sampler.at(step, positions_B, batch["item"])
             return batch
 
