@@ -313,6 +313,33 @@ def throughput_table(d: dict) -> str:
     return ("\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + _provenance(d))
 
 
+def logits_blocks_table(d: dict) -> str:
+    """The fused in-batch softmax per column block against autodiff, per batch size."""
+    batches = list(d["ms_per_call"])
+    variants = list(dict.fromkeys(v for b in batches for v in d["ms_per_call"][b]))
+    lines = [_row(["forward + backward, ms (speedup)", *(f"B = {int(b):,}" for b in batches)]),
+             "|---|" + "---:|" * len(batches)]
+    for v in variants:
+        label = ("autodiff of log_softmax, whole [B, B]" if v == "autodiff" else
+                 f"fused, {'whole matrix' if v == 'fused/0' else v.split('/')[1] + ' columns'}")
+        cells = []
+        for b in batches:
+            ms = d["ms_per_call"][b].get(v)
+            if ms is None:
+                cells.append("–")
+                continue
+            speed = d["speedup_vs_autodiff"][b].get(v)
+            best = d["best_block"][b] == v
+            cell = f"{ms:.2f}" + (f" ({speed:.2f}x)" if speed else "")
+            cells.append(f"**{cell}**" if best else cell)
+        lines.append(_row([label, *cells]))
+    default = ", ".join(f"{d['default_block'][b] or 'whole'} at B = {int(b):,}" for b in batches)
+    notes = [(f"Value and gradient w.r.t. q and c [B, {d['dim']}] of the in-batch softmax, "
+              "jitted, median of the timings; bold: the fastest fused block. "
+              f"`train.logits_chunk=0` resolves to {default}.")]
+    return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + _provenance(d)
+
+
 # The blocks and the command line ----------------------------------------------------------------
 
 def _scann_setting(p: dict) -> str:
@@ -485,6 +512,8 @@ SECTIONS = {
                         sharding_table),
     "throughput": Section("throughput.json", "python -m "
                           "benchmarks.throughput --json docs/throughput.json", throughput_table),
+    "logits-blocks": Section("logits_blocks.json", "python -m benchmarks.logits_blocks --json "
+                             "docs/logits_blocks.json", logits_blocks_table),
     "scale": Section("scale_runs.json", "the two recsys pipeline commands of the section",
                      scale_table),
     "http": Section("http.json", "python -m benchmarks.http --json docs/http.json", http_table),

@@ -111,6 +111,16 @@ def _throughput() -> dict:
                        ).read_text())
 
 
+def _logits_blocks() -> dict:
+    return {"dim": 32, "ms_per_call": {"1024": {"autodiff": 2.0, "fused/0": 1.6, "fused/128": 1.8},
+                                       "8192": {"autodiff": 300.0, "fused/0": 250.0,
+                                                "fused/128": 120.0}},
+            "speedup_vs_autodiff": {"1024": {"fused/0": 1.25, "fused/128": 2.0 / 1.8},
+                                    "8192": {"fused/0": 1.2, "fused/128": 2.5}},
+            "best_block": {"1024": "fused/0", "8192": "fused/128"},
+            "default_block": {"1024": 0, "8192": 128}}
+
+
 def _docs(tmp_path: pathlib.Path, **files) -> pathlib.Path:
     (tmp_path / "results.md").write_text(PAGE)
     for name, data in files.items():
@@ -121,7 +131,7 @@ def _docs(tmp_path: pathlib.Path, **files) -> pathlib.Path:
 def test_tables_render_mean_and_std_over_seeds(tmp_path):
     results = _docs(tmp_path, ablation=_ablation(), pipeline=_pipeline(), serving=_serving(),
                     sharding=_sharding(), index=_index(), http=_http(), scale_runs=_scale(),
-                    throughput=_throughput())
+                    throughput=_throughput(), logits_blocks=_logits_blocks())
     assert report.main(["--results", str(results)]) == 0
     text = results.read_text()
     assert text.startswith("# Results\n\nHand-written prose.") and text.endswith("More prose.\n")
@@ -159,6 +169,10 @@ def test_tables_render_mean_and_std_over_seeds(tmp_path):
     assert "| 10,000 | 0 | 2 (6,000, 4,000) | 18.50 / 40.80 | 0.95 / 1.45 | 412 |" in text
     assert ("| `configs/synthetic_10m.py` | 10,000,000 | tuned to 0.95, held-out 0.951 | 0.953 | "
             "3,530 (21) | 11.7 GiB | 21 s | 330 s | 112 s | 479 s |") in text
+    # logits blocks: the fastest fused block in bold, its speedup over autodiff
+    assert "| fused, whole matrix | **1.60 (1.25x)** | 250.00 (1.20x) |" in text
+    assert "| fused, 128 columns | 1.80 (1.11x) | **120.00 (2.50x)** |" in text
+    assert "resolves to whole at B = 1,024, 128 at B = 8,192" in text
     assert "Not yet measured" not in text
     assert report.main(["--results", str(results), "--check"]) == 0
 
