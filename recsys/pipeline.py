@@ -32,7 +32,13 @@ from recsys.metrics_log import MetricsLog
 from recsys.models.ranker_inputs import RankerTables
 from recsys.progress import Progress
 from recsys.serve import Recommender
-from recsys.train.loop import Trained, load_retrieval, train_retrieval
+from recsys.train.loop import (
+    Trained,
+    load_retrieval,
+    needs_events,
+    prepared_vocabularies,
+    train_retrieval,
+)
 from recsys.train.ranker import load_ranker, train_ranker
 
 EVAL_BATCH = 256  # requests per recommend_batch call in the pipeline evaluation (its largest bucket)
@@ -42,7 +48,7 @@ EVAL_BATCH = 256  # requests per recommend_batch call in the pipeline evaluation
 class Models:
     """Both models, trained or restored, with the data and mesh they belong to."""
 
-    ds: dataset_lib.Dataset
+    ds: dataset_lib.Dataset | None  # None: trained from cfg.data.prepared alone (train only)
     mesh: jax.sharding.Mesh
     retrieval: Trained
     ranker: Trained | None  # None when cfg.ranker.steps == 0
@@ -61,7 +67,7 @@ def run(cfg: Config, workdir: pathlib.Path) -> dict:
     models = train_models(cfg, workdir, lap)
     version = export_models(cfg, workdir, models, lap)
     metrics = evaluate_models(cfg, models, version, lap)
-    return write_metrics(workdir, models.ds, {
+    return write_metrics(workdir, data_header(models.ds), {
         **models.metrics, **metrics, **{f"seconds/{k}": s for k, s in lap.seconds.items()},
         "wall_seconds": time.time() - t0, "memory/peak_rss_gib": peak_rss_gib()})
 
@@ -72,10 +78,17 @@ def peak_rss_gib() -> float:
 
 
 def train(cfg: Config, workdir: pathlib.Path) -> dict:
-    """`recsys train`: both models; writes the train/* (and ranker/*) keys to metrics.json."""
+    """`recsys train`: both models; writes the train/* (and ranker/*) keys to metrics.json.
+
+    With data.prepared, and neither the ranker nor validation nor mining (which read users'
+    histories: `loop.needs_events`), the event log is never loaded: training reads the prepared
+    examples a batch at a time, so the process's memory does not grow with the events.
+    """
     t0 = time.time()
-    models = train_models(cfg, workdir)
-    return write_metrics(workdir, models.ds, {**models.metrics, "wall_seconds": time.time() - t0})
+    events = bool(cfg.ranker.steps > 0 or needs_events(cfg))
+    models = train_models(cfg, workdir, load_events=events)
+    header = data_header(models.ds) if models.ds is not None else prepared_header(cfg.data)
+    return write_metrics(workdir, header, {**models.metrics, "wall_seconds": time.time() - t0})
 
 
 def export(cfg: Config, workdir: pathlib.Path) -> pathlib.Path | None:
@@ -89,14 +102,17 @@ def evaluate(cfg: Config, workdir: pathlib.Path) -> dict:
     models = load_models(cfg, workdir)
     root = pathlib.Path(workdir) / artifacts.ROOT
     version = artifacts.published(root) if jax.process_index() == 0 else None
-    return write_metrics(workdir, models.ds, evaluate_models(cfg, models, version))
+    return write_metrics(workdir, data_header(models.ds), evaluate_models(cfg, models, version))
 
 
-def train_models(cfg: Config, workdir: pathlib.Path, lap: _Laps | None = None) -> Models:
-    """Trains (resuming from the workdir's checkpoints) the retrieval model, then the ranker."""
+def train_models(cfg: Config, workdir: pathlib.Path, lap: _Laps | None = None, *,
+                 load_events: bool = True) -> Models:
+    """Trains (resuming from the workdir's checkpoints) the retrieval model, then the ranker.
+    `load_events=False` (cfg.data.prepared, no ranker): the retrieval model alone, from the
+    prepared examples, without loading the events (Models.ds is None)."""
     lap = lap or _Laps()
     workdir = pathlib.Path(workdir)
-    ds, mesh = _setup(cfg, workdir, training=True)
+    ds, mesh = _setup(cfg, workdir, training=True, load_events=load_events)
     lap("load_data")
     with MetricsLog(workdir, started=lap.started) as log:  # closed on errors too
         retrieval = train_retrieval(cfg, ds, workdir, mesh, log=log)
@@ -189,12 +205,24 @@ def index_metrics(index: dict) -> dict:
             "index/exact_qps_per_cpu_s": tuned["exact_qps_per_cpu_s"]}
 
 
-def write_metrics(workdir: pathlib.Path, ds: dataset_lib.Dataset, metrics: dict) -> dict:
-    """The one writer of workdir/metrics.json: the dataset header plus `metrics`, merged into what
+def data_header(ds: dataset_lib.Dataset) -> dict:
+    """The keys metrics.json opens with: which data, its sizes."""
+    return {"dataset": ds.name, "num_items": ds.num_items, "num_users": ds.num_users,
+            "data/unknown_item_events": ds.unknown_item_events}
+
+
+def prepared_header(cfg: DataConfig) -> dict:
+    """`data_header` of the data a prepared directory was written from (its spec.json)."""
+    spec = json.loads((pathlib.Path(cfg.prepared) / "spec.json").read_text())
+    return {"dataset": spec["dataset"], "num_items": spec["num_items"],
+            "num_users": spec["num_users"]}
+
+
+def write_metrics(workdir: pathlib.Path, header: dict, metrics: dict) -> dict:
+    """The one writer of workdir/metrics.json: the data header plus `metrics`, merged into what
     earlier commands wrote (process 0 only; the file is replaced atomically). Returns what it
     added."""
-    metrics = {"dataset": ds.name, "num_items": ds.num_items, "num_users": ds.num_users,
-               "data/unknown_item_events": ds.unknown_item_events, **metrics}
+    metrics = {**header, **metrics}
     if jax.process_index() != 0:
         return metrics
     path = pathlib.Path(workdir) / "metrics.json"
@@ -269,15 +297,25 @@ def _served_lists(rec: Recommender, ds: dataset_lib.Dataset, users, times, polic
     return ranked, float(np.mean(totals))
 
 
-def _setup(cfg: Config, workdir: pathlib.Path, *, training: bool):
+def _setup(cfg: Config, workdir: pathlib.Path, *, training: bool, load_events: bool = True):
     """(dataset, mesh), and the memory plan logged. Training writes the resolved config into the
-    workdir (made if need be); restoring leaves the workdir as training left it."""
+    workdir (made if need be); restoring leaves the workdir as training left it. Without
+    `load_events` the dataset is None and the plan comes from cfg.data.prepared's spec."""
     if training:
         workdir.mkdir(parents=True, exist_ok=True)
         if jax.process_index() == 0:
             (workdir / "config.json").write_text(config_lib.dumps(cfg))
-    ds = load_data(cfg.data)
     mesh = sharding.make_mesh(cfg.mesh)
+    if not load_events:
+        from recsys.data.grain_input import PreparedData  # Grain and TFDS only when asked for
+        spec = PreparedData.open(cfg.data.prepared, expect=cfg.data).spec
+        _log(f"{spec['dataset']}: {spec['num_examples']} prepared training examples read from "
+             f"{cfg.data.prepared} a batch at a time (the events are not loaded); "
+             f"mesh {dict(mesh.shape)}")
+        state = plan.abstract_two_tower_state(cfg, prepared_vocabularies(spec), mesh)
+        _log(plan.format_plan(plan.memory_plan(state, cfg, mesh)))
+        return None, mesh
+    ds = load_data(cfg.data)
     _log(f"{ds.name}: {ds.num_users} users, {ds.num_items} items, {len(ds.seq_items)} events; "
          f"mesh {dict(mesh.shape)}")
     _log(plan.format_plan(plan.for_dataset(cfg, ds, mesh)))

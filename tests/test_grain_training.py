@@ -34,14 +34,37 @@ def prepared(tmp_path_factory) -> pathlib.Path:
     return prepare.prepare(tiny().data, tmp_path_factory.mktemp("prep") / "tiny", num_shards=3)
 
 
-def test_grain_fed_training_equals_in_memory_training(prepared, tmp_path):
+def test_grain_fed_training_equals_in_memory_training(prepared, tmp_path, monkeypatch):
     steps = ["train.num_steps=16", "mesh.data=4", "mesh.model=2"]
     memory = pipeline.train(tiny(*steps), tmp_path / "memory")
+
+    def no_events(cfg):
+        raise AssertionError("the event log was loaded")
+
+    monkeypatch.setattr(pipeline, "load_data", no_events)  # nothing here needs the events
     grain = pipeline.train(tiny(*steps, f"data.prepared={prepared}"), tmp_path / "grain")
     assert grain["train/steps"] == memory["train/steps"] == 16
     assert grain["train/final_loss"] == memory["train/final_loss"]
+    assert {k: grain[k] for k in ("dataset", "num_items", "num_users")} == \
+        {k: memory[k] for k in ("dataset", "num_items", "num_users")}
     meta = checkpoint.latest_meta(tmp_path / "grain" / "checkpoints" / "retrieval")
     assert meta["input"]["step"] == 16  # the reader's state, saved with the model
+
+
+@pytest.mark.parametrize("needs", ["train.eval_every=4", "train.mined_negatives=2"])
+def test_validation_or_mining_loads_the_events_beside_the_prepared_examples(
+        prepared, tmp_path, monkeypatch, needs):
+    loads = []
+    real = pipeline.load_data
+    monkeypatch.setattr(pipeline, "load_data", lambda cfg: loads.append(cfg) or real(cfg))
+    metrics = pipeline.train(tiny("train.num_steps=8", needs, "train.mine_ranks=2,20",
+                                  f"data.prepared={prepared}"), tmp_path)
+    assert len(loads) == 1 and metrics["train/steps"] == 8
+    with pytest.raises(config_lib.ConfigError, match=r"needs the event log"):
+        from recsys import sharding
+        from recsys.train.loop import train_retrieval
+        cfg = tiny("train.num_steps=8", needs, "train.mine_ranks=2,20", f"data.prepared={prepared}")
+        train_retrieval(cfg, None, tmp_path / "direct", sharding.make_mesh(cfg.mesh))
 
 
 def test_prepared_data_from_other_data_fields_is_refused(prepared, tmp_path):

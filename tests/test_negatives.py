@@ -49,7 +49,8 @@ def _sampler(tiny, tmp_path, **train):
             rng.integers(0, ds.num_items + 1, (len(positions), 3)).astype(np.int32),
             -np.log(rng.integers(1, 20, len(positions))).astype(np.float32),
             vectors_VxD if miner.cached else None))
-    return tc, negatives.Sampler(ds, positions, tc, _mesh(), miner), miner
+    return tc, negatives.Sampler(ds.features, ds.item_counts(positions), tc, _mesh(),
+                                 miner), miner
 
 
 def _table(miner):

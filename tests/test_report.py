@@ -131,7 +131,8 @@ def _docs(tmp_path: pathlib.Path, **files) -> pathlib.Path:
 def test_tables_render_mean_and_std_over_seeds(tmp_path):
     results = _docs(tmp_path, ablation=_ablation(), pipeline=_pipeline(), serving=_serving(),
                     sharding=_sharding(), index=_index(), http=_http(), scale_runs=_scale(),
-                    throughput=_throughput(), logits_blocks=_logits_blocks())
+                    throughput=_throughput(), logits_blocks=_logits_blocks(),
+                    index_10m={**_index(), "num_items": 10_000_000})
     assert report.main(["--results", str(results)]) == 0
     text = results.read_text()
     assert text.startswith("# Results\n\nHand-written prose.") and text.endswith("More prose.\n")
@@ -166,6 +167,7 @@ def test_tables_render_mean_and_std_over_seeds(tmp_path):
     assert ("| **tuned to 0.95 (the default)** | 2000 leaves, 20 searched, reorder 100 | "
             "**0.9510** | **30,000** |") in text
     assert "Tuned / best hand-tuned: **0.97x**; tuned / exact: **100x**" in text
+    assert "10,000,000 items x 64, 2,000 held-out queries." in text  # the 1e7 block
     assert "| 10,000 | 0 | 2 (6,000, 4,000) | 18.50 / 40.80 | 0.95 / 1.45 | 412 |" in text
     assert ("| `configs/synthetic_10m.py` | 10,000,000 | tuned to 0.95, held-out 0.951 | 0.953 | "
             "3,530 (21) | 11.7 GiB | 21 s | 330 s | 112 s | 479 s |") in text

@@ -46,6 +46,28 @@ def vocabularies(ds: Dataset) -> Vocabularies:
                         history_len=ds.history_len)
 
 
+def prepared_vocabularies(spec: dict) -> Vocabularies:
+    """The table sizes of a `recsys prepare` directory's spec.json (equal to `vocabularies` of
+    the Dataset it was prepared from)."""
+    vocab = spec["vocab"]
+    return Vocabularies(num_users=vocab["user_rows"], num_items=vocab["item_rows"],
+                        num_genres=vocab["num_genres"],
+                        user_cardinalities=tuple(vocab["user_cardinalities"]),
+                        history_len=spec["history_len"])
+
+
+def needs_events(cfg: Config) -> str:
+    """Why retrieval training needs the event log in memory besides cfg.data.prepared's
+    examples ("" when it does not): validation and mining read users' histories."""
+    if not cfg.data.prepared:
+        return "training without data.prepared"
+    if cfg.train.eval_every:
+        return f"validation (train.eval_every={cfg.train.eval_every})"
+    if cfg.train.mined_negatives:
+        return f"index-mined negatives (train.mined_negatives={cfg.train.mined_negatives})"
+    return ""
+
+
 def load_retrieval(cfg: Config, ds: Dataset, workdir: pathlib.Path,
                    mesh: jax.sharding.Mesh) -> Trained:
     """The two-tower model of workdir's finished training run, restored into sharded state.
@@ -81,12 +103,15 @@ def _checkpoint_meta(cfg: Config, vocab: Vocabularies) -> dict:
                                **{f"model.{k}": getattr(cfg.model, k) for k in SHAPE_FIELDS}})
 
 
-def train_retrieval(cfg: Config, ds: Dataset, workdir: pathlib.Path, mesh: jax.sharding.Mesh, *,
-                    log: MetricsLog | None = None, stage: str = "retrieval") -> Trained:
+def train_retrieval(cfg: Config, ds: Dataset | None, workdir: pathlib.Path,
+                    mesh: jax.sharding.Mesh, *, log: MetricsLog | None = None,
+                    stage: str = "retrieval") -> Trained:
     """Trains the two-tower model for cfg.train.num_steps, resuming from workdir's checkpoints.
 
     Scalars go to `log` under `stage` (default: a MetricsLog of workdir, closed at the end);
-    progress is reported as `stage`.
+    progress is reported as `stage`. `ds` may be None when the examples come from
+    cfg.data.prepared and nothing else needs the event log (`needs_events`): the process
+    then holds the prepared directory's tables and a batch reader, never the events.
 
     The host never waits for the device between steps: batches are built and placed on the
     mesh train.prefetch steps ahead on a background thread, train.steps_per_call steps run per
@@ -95,15 +120,30 @@ def train_retrieval(cfg: Config, ds: Dataset, workdir: pathlib.Path, mesh: jax.s
     it computes is the same as one step at a time.
     """
     tc = cfg.train
-    # Data: training targets and a batch order that is a pure function of (seed, step).
-    positions = ds.train_positions(cfg.data.trained_on, cfg.data.max_examples_per_user)
-    order = BatchOrder(positions, tc.batch_size, tc.seed)
     if tc.batch_size % jax.process_count():
         raise config_lib.ConfigError(f"train.batch_size={tc.batch_size} must divide evenly over "
                                      f"{jax.process_count()} processes")
+    # Data: training targets in a batch order that is a pure function of (seed, step), built
+    # here from the events, or read with Grain from `recsys prepare`'s shards (data.prepared).
+    prepared = _open_prepared(cfg) if cfg.data.prepared else None
+    if ds is None:
+        if needs_events(cfg):
+            raise config_lib.ConfigError(f"{needs_events(cfg)} needs the event log: train with "
+                                         "the Dataset")
+        positions, order = None, None
+        num_examples, vocab = prepared.num_examples, prepared_vocabularies(prepared.spec)
+        features, item_counts_V = prepared.features, prepared.item_counts
+    else:
+        positions = ds.train_positions(cfg.data.trained_on, cfg.data.max_examples_per_user)
+        order = BatchOrder(positions, tc.batch_size, tc.seed)
+        num_examples, vocab = len(positions), vocabularies(ds)
+        features, item_counts_V = ds.features, ds.item_counts(positions)
+        if prepared is not None and prepared.num_examples != num_examples:
+            raise DataError(f"{cfg.data.prepared} holds {prepared.num_examples} training "
+                            f"examples, but the data gives {num_examples}; prepare it again "
+                            "with this config")
 
     # Model and optimizer, born sharded on the mesh.
-    vocab = vocabularies(ds)
     graphdef, state, shardings = state_lib.create(*state_parts(cfg, vocab), tc.seed, mesh)
 
     # Resume order: (1) this workdir's latest verified checkpoint, (2) fresh init.
@@ -134,13 +174,15 @@ def train_retrieval(cfg: Config, ds: Dataset, workdir: pathlib.Path, mesh: jax.s
         if miner is not None:  # closing: finishes and saves a begun refresh, joins its thread
             closing.enter_context(contextlib.closing(miner))
             miner.restore(steps.model_of(graphdef, state), start)
-        sampler = negatives.Sampler(ds, positions, tc, mesh, miner)
+        sampler = negatives.Sampler(features, item_counts_V, tc, mesh, miner)
 
         # Examples: built here from the Dataset, or read with Grain from `recsys prepare`'s
         # ArrayRecord shards (data.prepared): the same examples in the same rows either way.
         reader = None
-        if cfg.data.prepared:
-            reader = closing.enter_context(_prepared_reader(cfg, len(positions), rows, start))
+        if prepared is not None:  # this process's rows from step `start`
+            reader = closing.enter_context(prepared.batches(
+                tc.batch_size, tc.seed, rows=rows, start_step=start, num_steps=tc.num_steps,
+                prefetch=max(tc.prefetch, 1)))
             if "input" in meta:  # refuses a checkpoint whose steps meant other batches
                 reader.set_state(meta["input"])
 
@@ -278,22 +320,13 @@ def train_retrieval(cfg: Config, ds: Dataset, workdir: pathlib.Path, mesh: jax.s
     return Trained(graphdef, state, metrics)
 
 
-def _prepared_reader(cfg: Config, num_examples: int, rows: np.ndarray, start: int):
-    """A Grain reader of cfg.data.prepared's examples: this process's rows from step `start`.
-
-    The directory must have been prepared from these data fields (else DataError) and hold
-    the training examples the Dataset gives (their count is checked). Its state is the step:
-    a checkpoint records `state_at(step)`, and resuming starts the reader at that step.
-    """
+def _open_prepared(cfg: Config):
+    """cfg.data.prepared, opened: it must have been prepared from these data fields (else
+    DataError naming the field). Its reader's state is the step: a checkpoint records
+    `state_at(step)`, and resuming starts the reader at that step."""
     from recsys.data.grain_input import PreparedData  # Grain and TFDS only when asked for
 
-    data = PreparedData.open(cfg.data.prepared, expect=cfg.data)
-    if data.num_examples != num_examples:
-        raise DataError(f"{cfg.data.prepared} holds {data.num_examples} training examples, but "
-                        f"the data gives {num_examples}; prepare it again with this config")
-    tc = cfg.train
-    return data.batches(tc.batch_size, tc.seed, rows=rows, start_step=start,
-                        num_steps=tc.num_steps, prefetch=max(tc.prefetch, 1))
+    return PreparedData.open(cfg.data.prepared, expect=cfg.data)
 
 
 def _calls(start: int, end: int, k: int) -> list[tuple[int, int]]:

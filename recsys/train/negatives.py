@@ -22,7 +22,7 @@ from flax import nnx, struct
 from recsys import sharding
 from recsys.config import TrainConfig
 from recsys.data.batches import item_inputs
-from recsys.data.dataset import Dataset, FeatureTables
+from recsys.data.dataset import FeatureTables
 from recsys.models import losses
 from recsys.models.logq import StreamingLogQ
 from recsys.train import sparse
@@ -152,34 +152,38 @@ class Sampler:
     uninterrupted one would have. `at` may run on another thread than the loop.
     """
 
-    def __init__(self, ds: Dataset, positions: np.ndarray, cfg: TrainConfig,
+    def __init__(self, features: FeatureTables, item_counts_V: np.ndarray, cfg: TrainConfig,
                  mesh: jax.sharding.Mesh, miner: MinedNegatives | None = None):
-        self.ds, self.cfg, self.miner = ds, cfg, miner
+        """features: the item feature tables (uniform and embedded mined items); item_counts_V:
+        how often each item row is a training target (`Dataset.item_counts(positions)`, or a
+        prepared directory's `item_counts`)."""
+        self.features, self.cfg, self.miner = features, cfg, miner
+        self.num_items = len(item_counts_V) - 1  # row 0 is padding
         # With the streaming estimate the train step computes the positives' log q itself.
         counts = cfg.logq_correction and cfg.logq_estimate == "counts"
-        self.log_q_V = (losses.log_sampling_probability(ds.item_counts(positions))
-                        if counts else None)
+        self.log_q_V = losses.log_sampling_probability(item_counts_V) if counts else None
         # Uniform draws are split over devices like batch rows: this process keeps its own.
         self.uniform_rows = (sharding.process_rows(mesh, cfg.uniform_negatives)
                              if cfg.uniform_negatives else None)
 
     def at(self, step: int, positions_B: np.ndarray, item_B: np.ndarray) -> Negatives:
         """The negatives of global batch `step`, for this process's positions and positives."""
-        cfg, ds = self.cfg, self.ds
+        cfg = self.cfg
         neg = {"log_q": None if self.log_q_V is None else self.log_q_V[item_B]}
         if cfg.uniform_negatives:
-            inputs, log_q_M = uniform(ds.features, ds.num_items, cfg.uniform_negatives, cfg.seed,
-                                      step)
+            inputs, log_q_M = uniform(self.features, self.num_items, cfg.uniform_negatives,
+                                      cfg.seed, step)
             neg["uniform"] = {k: v[self.uniform_rows] for k, v in inputs.items()}
             neg["uniform_log_q"] = log_q_M[self.uniform_rows] if cfg.logq_correction else None
         if self.miner is not None:
             items_BxH, band_log_q_B, vectors_BxHxD = self.miner.at(step, positions_B)
             if vectors_BxHxD is None:
-                neg["mined"] = item_inputs(ds.features, items_BxH)
+                neg["mined"] = item_inputs(self.features, items_BxH)
             else:  # the snapshot's vectors: the candidate tower embeds only the batch's rows
                 neg["mined"] = {"item": items_BxH}
                 neg["mined_vectors"] = vectors_BxHxD
-            neg["mined_log_q"] = mined_log_q(cfg, band_log_q_B, items_BxH.shape[1], ds.num_items)
+            neg["mined_log_q"] = mined_log_q(cfg, band_log_q_B, items_BxH.shape[1],
+                                             self.num_items)
         return Negatives(**neg, hard_k=cfg.hard_negatives,
                          remove_accidental_hits=cfg.remove_accidental_hits)
 
