@@ -1,4 +1,4 @@
-"""Training input from prepared data: the reading process's memory does not grow with the events.
+"""Training input from prepared data: what the reading (and training) process's memory grows with.
 
     python -m benchmarks.input_memory --json docs/input_memory.json
 
@@ -16,6 +16,12 @@ Writes JSON with, per size (`sizes`: list):
                                      shards in the page cache (just written)
   read_examples_per_sec_cold         the same with the shards dropped from the page cache
   in_memory_peak_rss_mib             building the Dataset and BatchOrder instead
+  train_peak_rss_mib, train_examples_per_sec
+                                     a `recsys train` process (default towers, no ranker,
+                                     validation or mining: the events are never loaded) reading
+                                     the prepared examples, `--train-steps` steps
+  train_in_memory_peak_rss_mib, train_in_memory_examples_per_sec
+                                     the same training from the events in memory
 and once: baseline_rss_mib (imports only), batch_order_at_us ({batch: us} of BatchOrder.at
 over 10M examples), grain_index_shuffle_us (one grain.experimental.index_shuffle call), the
 reading settings and provenance.
@@ -24,6 +30,7 @@ reading settings and provenance.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -97,6 +104,24 @@ def child_in_memory(users: int, steps: int, batch: int) -> dict:
             "peak_rss_mib": peak_rss_mib()}
 
 
+def child_train(users: int, out: str, steps: int, batch: int, prepared: bool) -> dict:
+    """`recsys train` of the default towers for `steps` steps (no ranker, validation or
+    mining): from the prepared examples (the events never loaded) or from the events."""
+    import tempfile
+
+    from recsys import pipeline
+    from recsys.config import Config, RankerConfig, TrainConfig
+    data = data_config(users)
+    if prepared:
+        data = dataclasses.replace(data, prepared=out)
+    cfg = Config(data=data, ranker=RankerConfig(steps=0),
+                 train=TrainConfig(batch_size=batch, num_steps=steps, log_every=steps))
+    with tempfile.TemporaryDirectory() as workdir:
+        metrics = pipeline.train(cfg, pathlib.Path(workdir))
+    return {"examples_per_sec": metrics["train/examples_per_sec"],
+            "peak_rss_mib": peak_rss_mib()}
+
+
 def child_order_cost() -> dict:
     import grain
     import numpy as np
@@ -119,7 +144,7 @@ def child_order_cost() -> dict:
 
 
 CHILDREN = {"baseline": child_baseline, "prepare": child_prepare, "read": child_read,
-            "in_memory": child_in_memory, "order_cost": child_order_cost}
+            "in_memory": child_in_memory, "train": child_train, "order_cost": child_order_cost}
 
 
 def run_child(name: str, **kwargs) -> dict:
@@ -142,6 +167,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300, help="global batches read per size")
     p.add_argument("--batch", type=int, default=1024, help="global batch size")
     p.add_argument("--prefetch", type=int, default=2, help="batches read ahead")
+    p.add_argument("--train-steps", type=int, default=200,
+                   help="steps of each `recsys train` measured per size")
     p.add_argument("--keep", action="store_true", help="keep the prepared directories")
     p.add_argument("--json", help="also write the result here")
     args = p.parse_args()
@@ -161,6 +188,9 @@ def main() -> None:
         cold = run_child("read", out=str(out), steps=args.steps, batch=args.batch,
                          prefetch=args.prefetch, cold=True)
         mem = run_child("in_memory", users=users, steps=args.steps, batch=args.batch)
+        train = {kind: run_child("train", users=users, out=str(out), steps=args.train_steps,
+                                 batch=args.batch, prepared=kind == "prepared")
+                 for kind in ("prepared", "in_memory")}
         disk = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
         result["sizes"].append({
             "label": label, "events": spec["num_events"], "examples": spec["num_examples"],
@@ -171,7 +201,11 @@ def main() -> None:
             "read_examples_per_sec": read["read_examples_per_sec"],
             "read_examples_per_sec_cold": cold["read_examples_per_sec"],
             "in_memory_peak_rss_mib": mem["peak_rss_mib"],
-            "in_memory_examples_per_sec": mem["read_examples_per_sec"]})
+            "in_memory_examples_per_sec": mem["read_examples_per_sec"],
+            "train_peak_rss_mib": train["prepared"]["peak_rss_mib"],
+            "train_examples_per_sec": train["prepared"]["examples_per_sec"],
+            "train_in_memory_peak_rss_mib": train["in_memory"]["peak_rss_mib"],
+            "train_in_memory_examples_per_sec": train["in_memory"]["examples_per_sec"]})
         print(json.dumps(result["sizes"][-1]), file=sys.stderr, flush=True)
         if not args.keep:
             shutil.rmtree(out)
