@@ -105,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     command = resolve(args.command)
     children, pumps = [], []
     signal.signal(signal.SIGTERM, _interrupt)  # `kill <launcher>` stops the children too
+    # Ctrl-C too, even when started by a parent that ignores SIGINT (Python then leaves it
+    # ignored: nohup, some CI runners and test harnesses do this)
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         for rank in range(args.num_processes):
             c = subprocess.Popen(command, env=child_env(rank, args, port), stdout=subprocess.PIPE,
