@@ -81,12 +81,15 @@ def test_report_renders_every_part():
          "pairs": {"8": [{"tfrs": run(100.0), "recsys": run(300.0)},
                          {"tfrs": run(100.0), "recsys": run(200.0)}]},
          "ratio_vs_tfrs": {"8": 2.5}, "ratio_per_cpu_s_vs_tfrs": {"8": 2.5},
+         "ratio_window_vs_tfrs": {"8": 2.4},
          "movielens_examples_per_sec_end_to_end": 5000.0, "host_input_fraction": 0.25,
+         "mining_wait_fraction": 0.125,
          "devices": {"batch_size": 8, **summary({"1": 10.0, "8": 5.0})},
          "table_rows": {"batch_size": 8, "auto_resolves_to": {"10000": "rowwise_adagrad"},
                         "step_examples_per_sec": {"dense": {"10000": 7.0}}},
          "load_avg": {"before": [1.0, 1.0, 1.0], "after": [2.0, 2.0, 2.0]}, "wall_seconds": 60}
     text = report.throughput_table(d)
-    assert "| 8 | 100 / 100 | 300 / 200 | **2.50x** | 50 / 50 | 150 / 100 | 2.50x |" in text
+    assert "| 8 | 100 / 100 | 300 / 200 | **2.50x** | 2.40x | 50 / 50 | 150 / 100 | 2.50x |" in text
     assert "25.0% of the training wall" in text and "1 / 8, batch 8: 10 / 5" in text
+    assert "mining refreshes still running on their thread 12.5% (`mining_wait_fraction`)" in text
     assert "`dense` 7 (`auto` chose rowwise_adagrad at 10,000)" in text
