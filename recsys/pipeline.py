@@ -213,7 +213,8 @@ def data_header(ds: dataset_lib.Dataset) -> dict:
 
 def prepared_header(cfg: DataConfig) -> dict:
     """`data_header` of the data a prepared directory was written from (its spec.json)."""
-    spec = json.loads((pathlib.Path(cfg.prepared) / "spec.json").read_text())
+    from recsys.data.prepare import SPEC  # TFDS only when asked for
+    spec = json.loads((pathlib.Path(cfg.prepared) / SPEC).read_text())
     return {"dataset": spec["dataset"], "num_items": spec["num_items"],
             "num_users": spec["num_users"]}
 

@@ -79,17 +79,23 @@ def example_indices(step: int, rows_R: np.ndarray, batch_size: int, num_examples
     resumed run sees exactly what an uninterrupted one would have, and processes that each
     compute their own rows agree on the whole batch. Returns [R] int64.
     """
-    flat_R = step * batch_size + np.asarray(rows_R, np.int64)
-    epoch_R, within_R = np.divmod(flat_R, num_examples)
-    if len(flat_R) == 0:
+    return _by_epoch(step, rows_R, batch_size, num_examples,
+                     lambda epoch, within: shuffled(within, num_examples, seed, epoch))
+
+
+def _by_epoch(step: int, rows_R: np.ndarray, batch_size: int, num_examples: int, at_epoch):
+    """at_epoch(epoch, places in that epoch's order) for the slots rows_R of batch `step`, one
+    call per epoch the batch spans (two at an epoch boundary): [R] int64."""
+    epoch_R, within_R = np.divmod(step * batch_size + np.asarray(rows_R, np.int64), num_examples)
+    if len(epoch_R) == 0:
         return np.zeros(0, np.int64)
     first, last = int(epoch_R.min()), int(epoch_R.max())
     if first == last:
-        return shuffled(within_R, num_examples, seed, first)
-    out = np.empty(len(flat_R), np.int64)
-    for epoch in range(first, last + 1):  # a batch that spans an epoch boundary
+        return at_epoch(first, within_R)
+    out = np.empty(len(within_R), np.int64)
+    for epoch in range(first, last + 1):
         sel = epoch_R == epoch
-        out[sel] = shuffled(within_R[sel], num_examples, seed, epoch)
+        out[sel] = at_epoch(epoch, within_R[sel])
     return out
 
 
@@ -132,14 +138,5 @@ class BatchOrder:
         n = len(self.positions)
         if n > CACHED_PERMUTATION_MAX:
             return self.positions[example_indices(step, rows, self.batch_size, n, self.seed)]
-        epoch_R, within_R = np.divmod(step * self.batch_size + np.asarray(rows, np.int64), n)
-        if len(epoch_R) == 0:
-            return np.zeros(0, np.int64)
-        first, last = int(epoch_R.min()), int(epoch_R.max())
-        if first == last:
-            return self._epoch_order(first)[within_R]
-        out = np.empty(len(within_R), np.int64)
-        for epoch in range(first, last + 1):  # a batch that spans an epoch boundary
-            sel = epoch_R == epoch
-            out[sel] = self._epoch_order(epoch)[within_R[sel]]
-        return out
+        return _by_epoch(step, rows, self.batch_size, n,
+                         lambda epoch, within: self._epoch_order(epoch)[within])

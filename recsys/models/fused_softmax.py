@@ -28,21 +28,15 @@ import jax.numpy as jnp
 
 from recsys.models import layers
 
-MASK_VALUE = -1e9  # as recsys.models.losses: a masked logit, finite so all-masked rows stay finite
-
-
-def _dot(spec: str, a, b):
-    """einsum with the compute dtype of the step (train.compute_dtype), accumulated in float32."""
-    dtype = layers.matmul_dtype()
-    if dtype is None:
-        return jnp.einsum(spec, a, b)
-    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+# A masked logit (every loss uses it): large and negative instead of -inf, so an all-masked
+# row still has a finite softmax.
+MASK_VALUE = -1e9
 
 
 def _block_logits(q_BxD, c_JxD, temperature, log_q_J, item_B, item_J, col_J, mask_hits):
     """Corrected, masked logits of every row against one block of candidates, and the raw
     scaled scores (q . c / T) the temperature's gradient needs: ([B, J], [B, J])."""
-    x_BxJ = _dot("bd,jd->bj", q_BxD, c_JxD) / temperature
+    x_BxJ = layers.einsum("bd,jd->bj", q_BxD, c_JxD) / temperature
     logits_BxJ = x_BxJ if log_q_J is None else x_BxJ - log_q_J[None, :]
     if mask_hits:
         row_B = jnp.arange(q_BxD.shape[0])
@@ -51,18 +45,19 @@ def _block_logits(q_BxD, c_JxD, temperature, log_q_J, item_B, item_J, col_J, mas
     return logits_BxJ, x_BxJ
 
 
-def _split(x, m: int):
+def interleaved_blocks(x, m: int):
     """[N, ...] -> [m, N / m, ...], block k holding rows k, k + m, k + 2m, ..."""
     return jnp.swapaxes(x.reshape(x.shape[0] // m, m, *x.shape[1:]), 0, 1)
 
 
 def _unsplit(x):
-    """The inverse of `_split`."""
+    """The inverse of `interleaved_blocks`."""
     return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
 
 
 def num_blocks(n: int, block: int) -> int:
-    """m, the number of column blocks: the smallest divisor of N with N / m <= block."""
+    """m, the number of blocks (of columns here, of rows in the hard-negative loss): the
+    smallest divisor of N with N / m <= block."""
     if block <= 0 or n <= block:
         return 1
     return next(m for m in range(-(-n // block), n + 1) if n % m == 0)
@@ -105,7 +100,7 @@ def _lse_fwd(q, c, temperature, log_q, item, mask_hits, m, corrected):
         lse = row_max + jnp.log(row_sum)
         return lse, (q, c, temperature, log_q, item, lse, e_BxN / row_sum[:, None])
     else:  # online log-sum-exp over column blocks: a running max and a rescaled sum per row
-        blocks = (_split(c, m), _split(log_q, m), _split(item, m), _split(col, m))
+        blocks = tuple(interleaved_blocks(x, m) for x in (c, log_q, item, col))
 
         def add_block(carry, blk):
             run_max, run_sum = carry
@@ -134,10 +129,10 @@ def _lse_bwd(mask_hits, m, corrected, res, g_B):
             p_BxJ = jnp.exp(logits - lse[:, None]) * g_B[:, None]  # d loss / d logits
         else:  # one block: the forward pass's softmax (XLA reuses its logits for x)
             p_BxJ = softmax_BxN * g_B[:, None]
-        dq = _dot("bj,jd->bd", p_BxJ, c_J) / temperature
+        dq = layers.einsum("bj,jd->bd", p_BxJ, c_J) / temperature
         # q^T P then a [D, J] transpose: P is read along its rows, as it lies in memory (the
         # [J, D] = P^T q form reads it down columns: 2x slower on CPU at B = 1024)
-        dc_J = _dot("bd,bj->dj", q, p_BxJ).T / temperature
+        dc_J = layers.einsum("bd,bj->dj", q, p_BxJ).T / temperature
         dlq_J = -p_BxJ.sum(axis=0)
         dt = -(p_BxJ * x).sum() / temperature
         return dq, dc_J, dlq_J, dt
@@ -150,7 +145,7 @@ def _lse_bwd(mask_hits, m, corrected, res, g_B):
             dq, dc_J, dlq_J, dt = block_grads(*blk)
             return (dq_acc + dq, dt_acc + dt), (dc_J, dlq_J)
 
-        blocks = (_split(c, m), _split(log_q, m), _split(item, m), _split(col, m))
+        blocks = tuple(interleaved_blocks(x, m) for x in (c, log_q, item, col))
         start = (jnp.zeros(q.shape, jnp.float32), jnp.zeros((), jnp.float32))
         (dq, dt), (dc, dlq) = jax.lax.scan(add_block, start, blocks)
         dc, dlq = _unsplit(dc), _unsplit(dlq)

@@ -87,6 +87,15 @@ def matmul_dtype():
     return _COMPUTE_DTYPE.get()
 
 
+def einsum(spec: str, a, b):
+    """jnp.einsum(spec, a, b); with a compute dtype set the products are in that dtype and
+    accumulate into float32."""
+    dtype = matmul_dtype()
+    if dtype is None:
+        return jnp.einsum(spec, a, b)
+    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+
+
 def linear(layer: nnx.Linear, x_BxI):
     """layer(x), with the matmul in the compute dtype when one is set (float32 parameters)."""
     dtype = matmul_dtype()

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from recsys.models import fused_softmax, layers
+from recsys.models.fused_softmax import MASK_VALUE
 
 # Set by the train step (train.logits_chunk): the block of the logits (columns of the fused
 # in-batch softmax, or rows with hard negatives) sampled_softmax_loss computes at once when its
@@ -31,8 +32,6 @@ def chunked_logits(rows: int):
         _ROW_CHUNK.reset(token)
 
 
-# Large negative instead of -inf so that an all-masked row still has a finite softmax.
-MASK_VALUE = -1e9
 
 
 def _shape(x) -> tuple:
@@ -56,16 +55,7 @@ def in_batch_logits(q_BxD, c_NxD, temperature):
     _check_vectors(q_BxD, c_NxD)
     if len(_shape(c_NxD)) != 2:
         raise ValueError(f"c_NxD {_shape(c_NxD)} must be [N, D] (q_BxD {_shape(q_BxD)})")
-    return _scores("bd,nd->bn", q_BxD, c_NxD) / temperature
-
-
-def _scores(spec: str, q, c):
-    """einsum(spec, q, c); with a compute dtype set (train.compute_dtype) the products are in
-    that dtype and accumulate into float32 logits."""
-    dtype = layers.matmul_dtype()
-    if dtype is None:
-        return jnp.einsum(spec, q, c)
-    return jnp.einsum(spec, q.astype(dtype), c.astype(dtype), preferred_element_type=jnp.float32)
+    return layers.einsum("bd,nd->bn", q_BxD, c_NxD) / temperature
 
 
 def logq_correct(logits_BxN, log_q_N):
@@ -145,7 +135,7 @@ def per_row_logits(q_BxD, c_BxHxD, temperature):
     c = _shape(c_BxHxD)
     if len(c) != 3 or c[0] != _shape(q_BxD)[0]:
         raise ValueError(f"c_BxHxD {c} must be [B, H, D] for q_BxD {_shape(q_BxD)}")
-    return _scores("bd,bhd->bh", q_BxD, c_BxHxD) / temperature
+    return layers.einsum("bd,bhd->bh", q_BxD, c_BxHxD) / temperature
 
 
 def mask_positive_and_padding(logits_BxN, item_B, candidate_items, remove_accidental_hits=True):
@@ -285,13 +275,13 @@ def sampled_softmax_loss(q_BxD, c_BxD, temperature, item_B, *, log_q_B=None,
         return _fused_loss(q_BxD, c_BxD, temperature, item_B, log_q_B, extra,
                            remove_accidental_hits, row_chunk)
     labels_B = jnp.arange(b)
-    chunks = _num_chunks(b, row_chunk)
+    chunks = fused_softmax.num_blocks(b, row_chunk)
     if chunks == 1:
         return row_nll(q_BxD, labels_B, item_B, extra).mean()
     # Chunk i holds rows i, i + m, i + 2m, ...: a [B] axis split over devices in contiguous
     # blocks stays split the same way inside every chunk, so no chunk gathers rows.
     def split(x):
-        return jnp.swapaxes(x.reshape(b // chunks, chunks, *x.shape[1:]), 0, 1)
+        return fused_softmax.interleaved_blocks(x, chunks)
 
     per_row = [i for i, s in enumerate(extra) if s.c.ndim == 3]  # [B, H, D] sources: split too
     rows = (split(q_BxD), split(labels_B), split(item_B),
@@ -316,7 +306,7 @@ def _fused_loss(q_BxD, c_BxD, temperature, item_B, log_q_B, extra, remove_accide
     logits beside it, minus each row's label logit."""
     lse_B = fused_softmax.in_batch_logsumexp(q_BxD, c_BxD, temperature, log_q_B, item_B,
                                              mask_hits=remove_accidental_hits, block=block)
-    label_B = _scores("bd,bd->b", q_BxD, c_BxD) / temperature
+    label_B = layers.einsum("bd,bd->b", q_BxD, c_BxD) / temperature
     if log_q_B is not None:
         label_B = label_B - log_q_B
     if extra:
@@ -324,13 +314,6 @@ def _fused_loss(q_BxD, c_BxD, temperature, item_B, log_q_B, extra, remove_accide
                                                    remove_accidental_hits) for s in extra]
         lse_B = jax.nn.logsumexp(jnp.concatenate(blocks, axis=1), axis=1)
     return (lse_B - label_B).mean()
-
-
-def _num_chunks(b: int, row_chunk: int) -> int:
-    """m, the number of row chunks: the smallest divisor of B with B / m <= row_chunk."""
-    if row_chunk <= 0 or b <= row_chunk:
-        return 1
-    return next(m for m in range(-(-b // row_chunk), b + 1) if b % m == 0)
 
 
 def _check_source(q_BxD, source: NegativeSource) -> None:

@@ -127,9 +127,9 @@ def train_retrieval(cfg: Config, ds: Dataset | None, workdir: pathlib.Path,
     # here from the events, or read with Grain from `recsys prepare`'s shards (data.prepared).
     prepared = _open_prepared(cfg) if cfg.data.prepared else None
     if ds is None:
-        if needs_events(cfg):
-            raise config_lib.ConfigError(f"{needs_events(cfg)} needs the event log: train with "
-                                         "the Dataset")
+        why = needs_events(cfg)
+        if why:
+            raise config_lib.ConfigError(f"{why} needs the event log: train with the Dataset")
         positions, order = None, None
         num_examples, vocab = prepared.num_examples, prepared_vocabularies(prepared.spec)
         features, item_counts_V = prepared.features, prepared.item_counts
@@ -322,8 +322,7 @@ def train_retrieval(cfg: Config, ds: Dataset | None, workdir: pathlib.Path,
 
 def _open_prepared(cfg: Config):
     """cfg.data.prepared, opened: it must have been prepared from these data fields (else
-    DataError naming the field). Its reader's state is the step: a checkpoint records
-    `state_at(step)`, and resuming starts the reader at that step."""
+    DataError naming the field)."""
     from recsys.data.grain_input import PreparedData  # Grain and TFDS only when asked for
 
     return PreparedData.open(cfg.data.prepared, expect=cfg.data)
