@@ -213,10 +213,19 @@ def data_header(ds: dataset_lib.Dataset) -> dict:
 
 def prepared_header(cfg: DataConfig) -> dict:
     """`data_header` of the data a prepared directory was written from (its spec.json)."""
-    from recsys.data.prepare import SPEC  # TFDS only when asked for
-    spec = json.loads((pathlib.Path(cfg.prepared) / SPEC).read_text())
+    spec = _prepared_spec(cfg)
     return {"dataset": spec["dataset"], "num_items": spec["num_items"],
             "num_users": spec["num_users"]}
+
+
+def _prepared_spec(cfg: DataConfig) -> dict:
+    """cfg.prepared's spec.json, read as is (training opens and checks the directory)."""
+    from recsys.data.prepare import SPEC  # TFDS only when asked for
+    path = pathlib.Path(cfg.prepared) / SPEC
+    if not path.is_file():  # PreparedData.open's one line says what is wrong with it
+        from recsys.data.grain_input import PreparedData
+        PreparedData.open(cfg.prepared)
+    return json.loads(path.read_text())
 
 
 def write_metrics(workdir: pathlib.Path, header: dict, metrics: dict) -> dict:
@@ -308,8 +317,7 @@ def _setup(cfg: Config, workdir: pathlib.Path, *, training: bool, load_events: b
             (workdir / "config.json").write_text(config_lib.dumps(cfg))
     mesh = sharding.make_mesh(cfg.mesh)
     if not load_events:
-        from recsys.data.grain_input import PreparedData  # Grain and TFDS only when asked for
-        spec = PreparedData.open(cfg.data.prepared, expect=cfg.data).spec
+        spec = _prepared_spec(cfg.data)  # train_retrieval opens and checks the directory
         _log(f"{spec['dataset']}: {spec['num_examples']} prepared training examples read from "
              f"{cfg.data.prepared} a batch at a time (the events are not loaded); "
              f"mesh {dict(mesh.shape)}")
