@@ -93,7 +93,7 @@ def test_config_prints_every_field_with_value_default_and_comment(capsys):
     assert same.startswith("  ") and "default 0.01" in same and "peak learning rate" in same
     assert _line(lines, "data", "num_users").startswith("* ")  # configs/tiny.py changes it
     # A comment above the field, and one continued on the next line.
-    assert _line(lines, "model", "history_pooling").endswith("attention (with positions)")
+    assert _line(lines, "model", "history_pooling").endswith("(the query tower reads no history: ids and features only)")
     assert _line(lines, "ranker", "use_ids").endswith("one training event (events=validation)")
 
 

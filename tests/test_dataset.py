@@ -126,3 +126,18 @@ def test_example_inputs_shapes():
     batch = example_inputs(ds, ds.train_positions("train")[:16])
     assert batch["history"].shape == (16, 6) and batch["item"].shape == (16,)
     assert batch["item_genres"].shape[0] == 16 and batch["user_feats"].shape[0] == 16
+
+
+def test_example_inputs_builds_only_the_named_inputs_and_the_same_values():
+    from recsys.data.synthetic import generate
+    ds = dataset.build(generate(DataConfig(num_users=50, num_items=80)), DataConfig(history_len=6))
+    positions = ds.train_positions("train")[5:21]
+    full = example_inputs(ds, positions)
+    for names in (("history", "item", "user"), tuple(full)):
+        some = example_inputs(ds, positions, names)
+        assert tuple(some) == names
+        for k in names:
+            assert some[k].dtype == full[k].dtype
+            np.testing.assert_array_equal(some[k], full[k])
+    with pytest.raises(KeyError, match="no example input named"):
+        example_inputs(ds, positions, ("user", "colour"))

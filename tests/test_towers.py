@@ -7,13 +7,13 @@ import pytest
 from flax import nnx
 
 from recsys import sharding
-from recsys.config import DataConfig, MeshConfig, ModelConfig
+from recsys.config import ConfigError, DataConfig, MeshConfig, ModelConfig
 from recsys.data import dataset
 from recsys.data.batches import example_inputs, item_inputs
 from recsys.data.schema import ItemInfo, RawData
 from recsys.models import layers
 from recsys.models.history import AttentionPooling
-from recsys.models.two_tower import TwoTower, Vocabularies, time_features
+from recsys.models.two_tower import TwoTower, Vocabularies, input_names, time_features
 
 L, E = 6, 8
 
@@ -169,3 +169,43 @@ def test_two_tower_inputs_that_do_not_fit_name_both_shapes():
     with pytest.raises(ValueError, match=r"history embeddings \(2, 5, 8\) must be \[B, L, E\] for "
                                          r"history \(2, 6\)"):
         layers.pool_history(np.zeros((2, 5, E), np.float32), _history()[1], "mean", 0.0)
+
+
+def _factorisation(**overrides):
+    """The TFRS tutorial's towers: a user id and an item id embedding, nothing else."""
+    fields = {"embed_dim": E, "hidden_dims": (), "out_dim": E, "use_features": False,
+              "history_pooling": "none", "output_layer": False, **overrides}
+    vocab = Vocabularies(num_users=5, num_items=20, num_genres=3, history_len=L)
+    cfg = ModelConfig(**fields)
+    with jax.set_mesh(_mesh()), nnx.logical_axis_rules(sharding.RULES):
+        return cfg, vocab, TwoTower(cfg, vocab, nnx.Rngs(0))
+
+
+def test_towers_without_history_or_output_layer_are_normalised_embeddings():
+    cfg, vocab, model = _factorisation()
+    model.eval()
+    assert input_names(cfg, vocab) == ("item", "user")  # no history is built or sent
+    assert model.query_mlp is None and model.item_mlp is None
+    q, c, _ = model({"user": np.array([1, 3]), "item": np.array([2, 7])})  # no history needed
+    user, item = (np.asarray(t.embedding[...])[rows] for t, rows in
+                  ((model.user_table, [1, 3]), (model.item_table, [2, 7])))
+    np.testing.assert_allclose(np.asarray(q), user / np.linalg.norm(user, axis=1, keepdims=True),
+                               rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(c), item / np.linalg.norm(item, axis=1, keepdims=True),
+                               rtol=1e-5)
+    # A batch that carries a history anyway (serving always sends one) gives the same vectors.
+    with_history = model.embed_query({"user": np.array([1, 3]), "history": _history()[1]})
+    np.testing.assert_array_equal(np.asarray(with_history), np.asarray(q))
+    with pytest.raises(ValueError, match=r"item \(3,\) must be \[B\].*user \(2,\)"):
+        model({"user": np.array([1, 3]), "item": np.array([2, 7, 1])})
+
+
+def test_towers_without_an_output_layer_refuse_widths_that_differ():
+    with pytest.raises(ConfigError, match=r"model.output_layer=False: false needs model.hidden_dims"):
+        ModelConfig(hidden_dims=(16,), output_layer=False)
+    with pytest.raises(ConfigError, match=r"item vector its embeddings, 96 wide"):
+        ModelConfig(embed_dim=32, hidden_dims=(), out_dim=32, output_layer=False)
+    with pytest.raises(ConfigError, match=r"query vector its embeddings side by side, 16 wide"):
+        _factorisation(history_pooling="mean")  # history and user id: 2 x 8 wide, out_dim 8
+    with pytest.raises(ConfigError, match=r"history_pooling='none': none leaves the query tower"):
+        ModelConfig(history_pooling="none", use_user_id=False, use_features=False)

@@ -97,8 +97,9 @@ class ModelConfig(_Section):
     embed_dim: int = 32  # width of id embeddings
     hidden_dims: tuple[int, ...] = (64,)  # tower MLP widths before the output layer
     out_dim: int = 32  # D: width of the normalised query and item vectors
-    # mean | recency (decayed by position) | attention (with positions)
-    history_pooling: Literal["mean", "recency", "attention"] = "mean"
+    # mean | recency (decayed by position) | attention (with positions) | none (the query tower
+    # reads no history: ids and features only)
+    history_pooling: Literal["mean", "recency", "attention", "none"] = "mean"
     recency_decay: float = 0.8  # weight multiplier per step back in history (recency pooling)
     use_user_id: bool = True  # include the user id embedding in the query tower
     use_features: bool = True  # genres/year/user features in the towers
@@ -106,11 +107,25 @@ class ModelConfig(_Section):
     temperature: float = 0.05  # initial softmax temperature
     learn_temperature: bool = False  # train log(temperature) with the towers
     dropout: float = 0.0  # dropout rate in tower MLPs
+    # Each tower ends in a linear layer to out_dim; false: its vector is its embeddings side by
+    # side (matrix factorisation's towers: needs hidden_dims=() and both towers out_dim wide)
+    output_layer: bool = True
 
     def _check(self) -> None:
         for name in ("embed_dim", "out_dim"):
             self._require(getattr(self, name) > 0, name, "must be positive")
         self._require(all(h > 0 for h in self.hidden_dims), "hidden_dims", "widths must be positive")
+        self._require(self.history_pooling != "none" or self.use_user_id or self.use_features
+                      or self.time_features, "history_pooling",
+                      "none leaves the query tower no input: set model.use_user_id, "
+                      "model.use_features or model.time_features")
+        if not self.output_layer:
+            self._require(self.hidden_dims == (), "output_layer",
+                          f"false needs model.hidden_dims=() (not {self.hidden_dims})")
+            item_width = self.embed_dim * (3 if self.use_features else 1)
+            self._require(item_width == self.out_dim, "output_layer",
+                          f"false makes the item vector its embeddings, {item_width} wide: "
+                          f"model.out_dim={self.out_dim} must equal that")
         self._require(self.temperature > 0, "temperature", "must be > 0")
         self._require(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
 
@@ -217,7 +232,7 @@ class TrainConfig(_Section):
     # Speed (docs/distributed.md "Throughput"): none of these changes what is computed except
     # compute_dtype.
     prefetch: int = 2  # global batches built and placed ahead on a background thread (0 = inline)
-    steps_per_call: int = 1  # steps per jitted call (a lax.scan over stacked batches)
+    steps_per_call: int = 4  # steps per jitted call (a lax.scan over stacked batches)
     compute_dtype: Literal["float32", "bfloat16"] = "float32"  # tower matmuls and logits
     # Block of the [B, N] logits computed at once, recomputed in the backward pass: columns of
     # the fused in-batch softmax, or rows with hard_negatives (0 = the whole matrix below 2048

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from recsys.data.dataset import Dataset, FeatureTables
-from recsys.features import query_inputs, time_context
+from recsys.features import TIME_CONTEXT, query_inputs, time_context
 
 
 def event_query_inputs(ds: Dataset, positions_B: np.ndarray) -> dict:
@@ -24,12 +24,34 @@ def item_inputs(tables: FeatureTables, item_B: np.ndarray) -> dict:
             "item_year": tables.item_year[item_B]}
 
 
-def example_inputs(ds: Dataset, positions_B: np.ndarray) -> dict:
-    """Query and positive-item inputs for events at these positions (history strictly before)."""
+def example_inputs(ds: Dataset, positions_B: np.ndarray, names=None) -> dict:
+    """Query and positive-item inputs for events at these positions (history strictly before).
+
+    names: the inputs to build (e.g. `two_tower.input_names`; None = all of them): the
+    training loop builds only what its model reads, as unused features cost host time every
+    step.
+    """
     positions_B = np.asarray(positions_B, np.int64)
-    batch = event_query_inputs(ds, positions_B)
-    batch.update(item_inputs(ds.features, ds.seq_items[positions_B]))
-    return batch
+    if names is None:
+        batch = event_query_inputs(ds, positions_B)
+        batch.update(item_inputs(ds.features, ds.seq_items[positions_B]))
+        return batch
+    user_B = ds.seq_users[positions_B].astype(np.int32)
+    item_B = ds.seq_items[positions_B].astype(np.int32)
+    build = {
+        "user": lambda: user_B,
+        "history": lambda: ds.history(positions_B),
+        "user_feats": lambda: ds.features.user_features[user_B],
+        TIME_CONTEXT: lambda: time_context(ds.seq_times[positions_B],
+                                           ds.previous_times(positions_B)),
+        "item": lambda: item_B,
+        "item_genres": lambda: ds.features.item_genres[item_B],
+        "item_year": lambda: ds.features.item_year[item_B],
+    }
+    unknown = sorted(set(names) - set(build))
+    if unknown:
+        raise KeyError(f"no example input named {unknown}; known: {sorted(build)}")
+    return {k: build[k]() for k in names}
 
 
 # ---- the example order ---------------------------------------------------------------------

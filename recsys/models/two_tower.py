@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from recsys.config import NUM_YEAR_BUCKETS, ModelConfig
+from recsys.config import NUM_YEAR_BUCKETS, ConfigError, ModelConfig
 from recsys.models import history, layers
 
 
@@ -40,7 +40,7 @@ def time_features(time_context_Bx2):
 def input_names(cfg: ModelConfig, vocab: Vocabularies) -> tuple[str, ...]:
     """The batch keys `TwoTower(cfg, vocab)` reads: a batch need not carry (nor send to the
     device) the others."""
-    names = ["history", "item"]
+    names = (["history"] if cfg.history_pooling != "none" else []) + ["item"]
     if cfg.use_user_id:
         names.append("user")
     if cfg.use_features:
@@ -53,7 +53,9 @@ def input_names(cfg: ModelConfig, vocab: Vocabularies) -> tuple[str, ...]:
 class TwoTower(nnx.Module):
     """Query tower (user id, pooled history, user features) and candidate tower (id, genres, year).
 
-    Both end in L2-normalised D-dim vectors; the score of a pair is q·c / temperature.
+    Both end in L2-normalised D-dim vectors; the score of a pair is q·c / temperature. Each
+    tower's embeddings go side by side through an MLP to D, or straight to the normalisation
+    when model.output_layer is false (then they must be D wide: matrix factorisation's towers).
     """
 
     def __init__(self, cfg: ModelConfig, vocab: Vocabularies, rngs: nnx.Rngs):
@@ -65,15 +67,26 @@ class TwoTower(nnx.Module):
             [layers.small_table(n, e, rngs) for n in vocab.user_cardinalities]
             if cfg.use_features else [])
         self.genre_proj = layers.dense(vocab.num_genres, e, rngs) if cfg.use_features else None
+        self.reads_history = cfg.history_pooling != "none"
         self.history_attention = (history.AttentionPooling(vocab.history_len, e, cfg.dropout, rngs)
                                   if cfg.history_pooling == "attention" else None)
         self.year_table = layers.small_table(NUM_YEAR_BUCKETS, e, rngs) if cfg.use_features else None
         self.time_proj = layers.dense(NUM_TIME_FEATURES, e, rngs) if cfg.time_features else None
-        query_in = e * (1 + int(cfg.use_user_id) + int(bool(self.user_feature_tables))
-                        + int(cfg.time_features))
+        query_in = e * (int(self.reads_history) + int(cfg.use_user_id)
+                        + int(bool(self.user_feature_tables)) + int(cfg.time_features))
         item_in = e * (1 + 2 * int(cfg.use_features))
-        self.query_mlp = layers.MLP(query_in, cfg.hidden_dims, cfg.out_dim, cfg.dropout, rngs)
-        self.item_mlp = layers.MLP(item_in, cfg.hidden_dims, cfg.out_dim, cfg.dropout, rngs)
+        if query_in == 0:
+            raise ConfigError("the query tower has no input: model.history_pooling=none, no user "
+                              "id and no user features in the data; set model.use_user_id=true")
+        if cfg.output_layer:
+            self.query_mlp = layers.MLP(query_in, cfg.hidden_dims, cfg.out_dim, cfg.dropout, rngs)
+            self.item_mlp = layers.MLP(item_in, cfg.hidden_dims, cfg.out_dim, cfg.dropout, rngs)
+        else:
+            if query_in != cfg.out_dim:
+                raise ConfigError(f"model.output_layer=false makes the query vector its "
+                                  f"embeddings side by side, {query_in} wide with these inputs: "
+                                  f"model.out_dim={cfg.out_dim} must equal that")
+            self.query_mlp = self.item_mlp = None
         self.log_temperature = nnx.Param(jnp.asarray(np.log(cfg.temperature), jnp.float32))
 
     def temperature(self):
@@ -90,14 +103,15 @@ class TwoTower(nnx.Module):
           ValueError: naming both shapes, when an input does not have the history's B rows.
         """
         self._check_query(batch)
-        history_BxL = batch["history"]
-        emb_BxLxE = self.item_table(history_BxL)
-        if self.history_attention is not None:
-            hist_BxE = self.history_attention(emb_BxLxE, history_BxL)
-        else:
-            hist_BxE = layers.pool_history(emb_BxLxE, history_BxL, self.cfg.history_pooling,
-                                           self.cfg.recency_decay)
-        parts = [hist_BxE]
+        parts = []
+        if self.reads_history:
+            history_BxL = batch["history"]
+            emb_BxLxE = self.item_table(history_BxL)
+            if self.history_attention is not None:
+                parts.append(self.history_attention(emb_BxLxE, history_BxL))
+            else:
+                parts.append(layers.pool_history(emb_BxLxE, history_BxL, self.cfg.history_pooling,
+                                                 self.cfg.recency_decay))
         if self.user_table is not None:
             parts.append(self.user_table(batch["user"]))
         if len(self.user_feature_tables):
@@ -105,7 +119,7 @@ class TwoTower(nnx.Module):
             parts.append(sum(t(feats_BxF[:, i]) for i, t in enumerate(self.user_feature_tables)))
         if self.time_proj is not None:
             parts.append(self.time_proj(time_features(batch["time_context"])))
-        return _normalize(self.query_mlp(jnp.concatenate(parts, axis=-1)))
+        return _normalize(_project(self.query_mlp, parts))
 
     def embed_items(self, batch: dict):
         """[..., D] normalised item vectors from item [...], item_genres [..., G], item_year [...].
@@ -118,31 +132,38 @@ class TwoTower(nnx.Module):
         if self.genre_proj is not None:
             parts.append(self.genre_proj(batch["item_genres"]))
             parts.append(self.year_table(batch["item_year"]))
-        return _normalize(self.item_mlp(jnp.concatenate(parts, axis=-1)))
+        return _normalize(_project(self.item_mlp, parts))
 
     def __call__(self, batch: dict):
         """(q [B, D], c [B, D], temperature) of B queries and their positive items."""
-        self._check_query(batch)
-        history, item = jnp.shape(batch["history"]), jnp.shape(batch["item"])
-        if item != history[:1]:
-            raise ValueError(f"item {item} must be [B]: one positive per query of history {history}")
+        rows, first = self._check_query(batch)
+        item = jnp.shape(batch["item"])
+        if item != (rows,):
+            raise ValueError(f"item {item} must be [B]: one positive per query of {first}")
         return self.embed_query(batch), self.embed_items(batch), self.temperature()
 
-    def _check_query(self, batch: dict) -> None:
-        history = jnp.shape(batch["history"])
-        if len(history) != 2:
-            raise ValueError(f"history {history} must be [B, L]")
-        want = {"user": history[:1] if self.user_table is not None else None,
-                "user_feats": (history[0], len(self.user_feature_tables))
+    def _check_query(self, batch: dict) -> tuple[int, str]:
+        """(B, "name shape" of the input B is read from): every query input must have B rows."""
+        want = {"user": () if self.user_table is not None else None,
+                "user_feats": (len(self.user_feature_tables),)
                 if len(self.user_feature_tables) else None,
-                "time_context": (history[0], NUM_TIME_FEATURES) if self.time_proj is not None else None}
+                "time_context": (NUM_TIME_FEATURES,) if self.time_proj is not None else None}
+        if self.reads_history:
+            history = jnp.shape(batch["history"])
+            if len(history) != 2:
+                raise ValueError(f"history {history} must be [B, L]")
+            rows, first = history[0], f"history {history}"
+        else:  # B from the first input the tower reads (there is one: ModelConfig checks it)
+            name = next(n for n, shape in want.items() if shape is not None)
+            rows, first = jnp.shape(batch[name])[0], f"{name} {jnp.shape(batch[name])}"
         for name, shape in want.items():
             if shape is None:
                 continue
             got = jnp.shape(batch[name])
-            if got != shape:
-                raise ValueError(f"{name} {got} does not fit history {history}: expected "
-                                 f"{'[B]' if len(shape) == 1 else f'[B, {shape[1]}]'}")
+            if got != (rows, *shape):
+                raise ValueError(f"{name} {got} does not fit {first}: expected "
+                                 f"{'[B]' if not shape else f'[B, {shape[0]}]'}")
+        return rows, first
 
     def _check_items(self, batch: dict) -> None:
         item = jnp.shape(batch["item"])
@@ -154,6 +175,12 @@ class TwoTower(nnx.Module):
                              f"[{self.genre_proj.in_features}] genres")
         if year != item:
             raise ValueError(f"item_year {year} must match item {item}")
+
+
+def _project(mlp, parts):
+    """A tower's embeddings side by side, through its MLP when it has one: [B, D]."""
+    x_BxI = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
+    return x_BxI if mlp is None else mlp(x_BxI)
 
 
 def _normalize(x_BxD):

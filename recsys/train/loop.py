@@ -26,7 +26,7 @@ from recsys.train import state as state_lib
 CHECKPOINTS = pathlib.Path("checkpoints") / "retrieval"  # inside a workdir
 # Model fields that decide parameter shapes: a checkpoint made with other values is refused.
 SHAPE_FIELDS = ("embed_dim", "hidden_dims", "out_dim", "use_user_id", "use_features",
-                "history_pooling", "time_features")
+                "history_pooling", "time_features", "output_layer")
 
 
 @dataclasses.dataclass
@@ -92,15 +92,19 @@ def state_parts(cfg: Config, vocab: Vocabularies):
     """(build_model, optimizers): what state.create builds and state.abstract describes."""
     tc = cfg.train
     mined = tc.mined_negatives if tc.mined_vectors == "embed" else 0  # cached: not looked up
-    lookups = tc.batch_size * (1 + vocab.history_len + mined) + tc.uniform_negatives
+    history = vocab.history_len if cfg.model.history_pooling != "none" else 0
+    lookups = tc.batch_size * (1 + history + mined) + tc.uniform_negatives
     return (lambda rngs: TwoTower(cfg.model, vocab, rngs),
             state_lib.make_optimizer(tc, logq_rows=vocab.num_items, lookups_per_step=lookups))
 
 
 def _checkpoint_meta(cfg: Config, vocab: Vocabularies) -> dict:
     """Metadata a checkpoint must carry to restore into this model (table sizes, shape fields)."""
+    shape = {f"model.{k}": getattr(cfg.model, k) for k in SHAPE_FIELDS}
+    if cfg.model.output_layer:  # recorded when false only: older checkpoints have output layers
+        del shape["model.output_layer"]
     return checkpoint.as_json({**{f"vocab.{k}": v for k, v in dataclasses.asdict(vocab).items()},
-                               **{f"model.{k}": getattr(cfg.model, k) for k in SHAPE_FIELDS}})
+                               **shape})
 
 
 def train_retrieval(cfg: Config, ds: Dataset | None, workdir: pathlib.Path,
@@ -191,7 +195,7 @@ def train_retrieval(cfg: Config, ds: Dataset | None, workdir: pathlib.Path,
         def host_batch(step):
             if reader is None:
                 positions_B = order.at(step, rows=rows)
-                inputs = example_inputs(ds, positions_B)
+                inputs = example_inputs(ds, positions_B, read_by_model)
             else:
                 read = next(reader)
                 if read.step != step:
