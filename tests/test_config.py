@@ -63,6 +63,20 @@ def test_overrides_are_checked_by_the_section_and_suggest_close_keys():
         config_lib.apply_overrides(cfg, ["rankr.steps=3"])
 
 
+def test_fields_checked_together_may_be_overridden_in_any_order():
+    """The TFRS tutorial's towers: output_layer=false is only valid with hidden_dims=(), and the
+    overrides apply as one change of the section, whichever comes first."""
+    want = ["model.output_layer=false", "model.hidden_dims=()", "model.use_features=false",
+            "model.history_pooling=none"]
+    for overrides in (want, want[::-1]):
+        model = config_lib.apply_overrides(Config(), overrides).model
+        assert not model.output_layer and model.hidden_dims == ()
+    assert config_lib.apply_overrides(Config(), ["train.num_steps=3", "train.num_steps=9"]
+                                      ).train.num_steps == 9  # the last value wins
+    with pytest.raises(ConfigError, match=r"model.output_layer=False: false needs model.hidden_dims"):
+        config_lib.apply_overrides(Config(), ["model.output_layer=false"])  # hidden_dims (64,)
+
+
 def test_serve_filters_are_typed_and_give_the_request_form():
     serve = ServeConfig(filter_genres_not=("Horror",), filter_year_min=1990)
     assert serve.filters() == {"genres_not": ["Horror"], "year_min": 1990}

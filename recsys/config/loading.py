@@ -40,7 +40,13 @@ def load(path: str | pathlib.Path) -> Config:
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
-    """Applies `section.field=value` strings, coercing each value to the field's type."""
+    """Applies `section.field=value` strings, coercing each value to the field's type.
+
+    A section's fields change together (then its checks run once), so fields checked against
+    each other (model.output_layer and model.hidden_dims) may come in any order; a field given
+    twice keeps the last value.
+    """
+    changes: dict[str, dict[str, Any]] = {}
     for item in overrides:
         key, sep, text = item.partition("=")
         parts = key.strip().split(".")
@@ -58,8 +64,11 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
             raise ConfigError(f"unknown config key {key!r}"
                               f"{_did_you_mean(field_name, names, section_name + '.')}; "
                               f"{section_name} has: {', '.join(names)}")
-        value = _coerce(key, text.strip(), hints[field_name])
-        cfg = dataclasses.replace(cfg, **{section_name: dataclasses.replace(section, **{field_name: value})})
+        changes.setdefault(section_name, {})[field_name] = _coerce(key, text.strip(),
+                                                                   hints[field_name])
+    for section_name, fields in changes.items():
+        section = dataclasses.replace(getattr(cfg, section_name), **fields)
+        cfg = dataclasses.replace(cfg, **{section_name: section})
     validate(cfg)
     return cfg
 

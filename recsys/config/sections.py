@@ -229,10 +229,11 @@ class TrainConfig(_Section):
     keep_checkpoints: int = 2  # checkpoints kept on disk
     seed: int = 0  # parameter init and batch order
     log_every: int = 50  # steps between loss updates (progress, metrics.jsonl, TensorBoard)
-    # Speed (docs/distributed.md "Throughput"): none of these changes what is computed except
-    # compute_dtype.
+    # Speed (docs/distributed.md "Throughput"): none of these changes the math; compute_dtype
+    # changes the precision, and inside steps_per_call's scan XLA may round float32 differently.
     prefetch: int = 2  # global batches built and placed ahead on a background thread (0 = inline)
-    steps_per_call: int = 4  # steps per jitted call (a lax.scan over stacked batches)
+    steps_per_call: int = 1  # steps per jitted call (a lax.scan over stacked batches; 4 is
+    # faster at small steps)
     compute_dtype: Literal["float32", "bfloat16"] = "float32"  # tower matmuls and logits
     # Block of the [B, N] logits computed at once, recomputed in the backward pass: columns of
     # the fused in-batch softmax, or rows with hard_negatives (0 = the whole matrix below 2048

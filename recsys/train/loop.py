@@ -121,7 +121,8 @@ def train_retrieval(cfg: Config, ds: Dataset | None, workdir: pathlib.Path,
     mesh train.prefetch steps ahead on a background thread, train.steps_per_call steps run per
     jitted call, and a step's loss is read only after the next call is dispatched. The run
     stops at the steps where it must see the state (mining, validation, checkpoints), so what
-    it computes is the same as one step at a time.
+    it computes is the same as one step at a time (with steps_per_call > 1, up to float32
+    rounding inside the scan).
     """
     tc = cfg.train
     if tc.batch_size % jax.process_count():

@@ -43,8 +43,9 @@ def make_multi_step(graphdef, loss_fn, cfg: TrainConfig, state_shardings, mesh):
     """jit(steps)(state, batches) -> (state, losses [k]): k steps in one call, a lax.scan over
     batches stacked along a leading axis (sharding.shard_batch(..., stacked=True)).
 
-    The same arithmetic as k calls of `make_train_step`'s step; one dispatch instead of k, which
-    matters when a step takes about as long as launching it (small batches, many devices).
+    The same math as k calls of `make_train_step`'s step (XLA compiles the scan's body apart, so
+    float32 rounding may differ in the last bits); one dispatch instead of k, which matters when
+    a step takes about as long as launching it (small batches, many devices).
     """
     step = step_fn(graphdef, loss_fn, cfg)
 
