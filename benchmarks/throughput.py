@@ -187,8 +187,8 @@ def recsys_child(spec: dict) -> dict:
     base = config_lib.load(spec["config"]) if spec["config"] else config_lib.Config()
     cfg = config_lib.apply_overrides(base, spec["overrides"])
     if spec["steps"] is not None:  # warm-up: whole jitted calls, the first one compiling
-        k = cfg.train.steps_per_call
-        warmup = k * math.ceil(max(k + 1, math.ceil(spec["steps"] / 10)) / k)
+        k = cfg.train.steps_per_call  # at least 2 calls, about a tenth of the timed steps
+        warmup = k * max(2, math.ceil(spec["steps"] / (10 * k)))
         cfg = config_lib.apply_overrides(cfg, [f"train.num_steps={warmup + spec['steps']}",
                                                f"train.log_every={warmup}"])
     ds = load_data(cfg.data)

@@ -5,7 +5,8 @@ import pytest
 
 from recsys.config import DataConfig
 from recsys.data import dataset
-from recsys.data.batches import BatchOrder, example_indices, example_inputs, shuffled
+from recsys.data.batches import (BatchOrder, event_query_inputs, example_indices, example_inputs,
+                                 item_inputs, shuffled)
 from recsys.data.schema import DataError, ItemInfo, RawData
 from recsys.data.vocab import Vocab
 
@@ -132,7 +133,9 @@ def test_example_inputs_builds_only_the_named_inputs_and_the_same_values():
     from recsys.data.synthetic import generate
     ds = dataset.build(generate(DataConfig(num_users=50, num_items=80)), DataConfig(history_len=6))
     positions = ds.train_positions("train")[5:21]
-    full = example_inputs(ds, positions)
+    # The query and item inputs as serving and evaluation build them.
+    full = {**event_query_inputs(ds, positions), **item_inputs(ds.features, ds.seq_items[positions])}
+    assert tuple(example_inputs(ds, positions)) == tuple(full)
     for names in (("history", "item", "user"), tuple(full)):
         some = example_inputs(ds, positions, names)
         assert tuple(some) == names

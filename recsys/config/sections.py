@@ -111,11 +111,16 @@ class ModelConfig(_Section):
     # side (matrix factorisation's towers: needs hidden_dims=() and both towers out_dim wide)
     output_layer: bool = True
 
+    @property
+    def reads_history(self) -> bool:
+        """Whether the query tower reads the history (history_pooling is not "none")."""
+        return self.history_pooling != "none"
+
     def _check(self) -> None:
         for name in ("embed_dim", "out_dim"):
             self._require(getattr(self, name) > 0, name, "must be positive")
         self._require(all(h > 0 for h in self.hidden_dims), "hidden_dims", "widths must be positive")
-        self._require(self.history_pooling != "none" or self.use_user_id or self.use_features
+        self._require(self.reads_history or self.use_user_id or self.use_features
                       or self.time_features, "history_pooling",
                       "none leaves the query tower no input: set model.use_user_id, "
                       "model.use_features or model.time_features")

@@ -32,10 +32,6 @@ def example_inputs(ds: Dataset, positions_B: np.ndarray, names=None) -> dict:
     step.
     """
     positions_B = np.asarray(positions_B, np.int64)
-    if names is None:
-        batch = event_query_inputs(ds, positions_B)
-        batch.update(item_inputs(ds.features, ds.seq_items[positions_B]))
-        return batch
     user_B = ds.seq_users[positions_B].astype(np.int32)
     item_B = ds.seq_items[positions_B].astype(np.int32)
     build = {
@@ -48,6 +44,7 @@ def example_inputs(ds: Dataset, positions_B: np.ndarray, names=None) -> dict:
         "item_genres": lambda: ds.features.item_genres[item_B],
         "item_year": lambda: ds.features.item_year[item_B],
     }
+    names = build if names is None else names
     unknown = sorted(set(names) - set(build))
     if unknown:
         raise KeyError(f"no example input named {unknown}; known: {sorted(build)}")

@@ -40,7 +40,7 @@ def time_features(time_context_Bx2):
 def input_names(cfg: ModelConfig, vocab: Vocabularies) -> tuple[str, ...]:
     """The batch keys `TwoTower(cfg, vocab)` reads: a batch need not carry (nor send to the
     device) the others."""
-    names = (["history"] if cfg.history_pooling != "none" else []) + ["item"]
+    names = (["history"] if cfg.reads_history else []) + ["item"]
     if cfg.use_user_id:
         names.append("user")
     if cfg.use_features:
@@ -67,12 +67,11 @@ class TwoTower(nnx.Module):
             [layers.small_table(n, e, rngs) for n in vocab.user_cardinalities]
             if cfg.use_features else [])
         self.genre_proj = layers.dense(vocab.num_genres, e, rngs) if cfg.use_features else None
-        self.reads_history = cfg.history_pooling != "none"
         self.history_attention = (history.AttentionPooling(vocab.history_len, e, cfg.dropout, rngs)
                                   if cfg.history_pooling == "attention" else None)
         self.year_table = layers.small_table(NUM_YEAR_BUCKETS, e, rngs) if cfg.use_features else None
         self.time_proj = layers.dense(NUM_TIME_FEATURES, e, rngs) if cfg.time_features else None
-        query_in = e * (int(self.reads_history) + int(cfg.use_user_id)
+        query_in = e * (int(self.cfg.reads_history) + int(cfg.use_user_id)
                         + int(bool(self.user_feature_tables)) + int(cfg.time_features))
         item_in = e * (1 + 2 * int(cfg.use_features))
         if query_in == 0:
@@ -104,7 +103,7 @@ class TwoTower(nnx.Module):
         """
         self._check_query(batch)
         parts = []
-        if self.reads_history:
+        if self.cfg.reads_history:
             history_BxL = batch["history"]
             emb_BxLxE = self.item_table(history_BxL)
             if self.history_attention is not None:
@@ -148,7 +147,7 @@ class TwoTower(nnx.Module):
                 "user_feats": (len(self.user_feature_tables),)
                 if len(self.user_feature_tables) else None,
                 "time_context": (NUM_TIME_FEATURES,) if self.time_proj is not None else None}
-        if self.reads_history:
+        if self.cfg.reads_history:
             history = jnp.shape(batch["history"])
             if len(history) != 2:
                 raise ValueError(f"history {history} must be [B, L]")
@@ -179,7 +178,7 @@ class TwoTower(nnx.Module):
 
 def _project(mlp, parts):
     """A tower's embeddings side by side, through its MLP when it has one: [B, D]."""
-    x_BxI = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
+    x_BxI = jnp.concatenate(parts, axis=-1)
     return x_BxI if mlp is None else mlp(x_BxI)
 
 

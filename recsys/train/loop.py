@@ -27,6 +27,9 @@ CHECKPOINTS = pathlib.Path("checkpoints") / "retrieval"  # inside a workdir
 # Model fields that decide parameter shapes: a checkpoint made with other values is refused.
 SHAPE_FIELDS = ("embed_dim", "hidden_dims", "out_dim", "use_user_id", "use_features",
                 "history_pooling", "time_features", "output_layer")
+# Shape fields added after checkpoints were first written, with the value older checkpoints
+# were made with: recorded only when a run differs from it, so those checkpoints still restore.
+LATER_SHAPE_FIELDS = {"output_layer": True}
 
 
 @dataclasses.dataclass
@@ -92,7 +95,7 @@ def state_parts(cfg: Config, vocab: Vocabularies):
     """(build_model, optimizers): what state.create builds and state.abstract describes."""
     tc = cfg.train
     mined = tc.mined_negatives if tc.mined_vectors == "embed" else 0  # cached: not looked up
-    history = vocab.history_len if cfg.model.history_pooling != "none" else 0
+    history = vocab.history_len if cfg.model.reads_history else 0
     lookups = tc.batch_size * (1 + history + mined) + tc.uniform_negatives
     return (lambda rngs: TwoTower(cfg.model, vocab, rngs),
             state_lib.make_optimizer(tc, logq_rows=vocab.num_items, lookups_per_step=lookups))
@@ -100,9 +103,8 @@ def state_parts(cfg: Config, vocab: Vocabularies):
 
 def _checkpoint_meta(cfg: Config, vocab: Vocabularies) -> dict:
     """Metadata a checkpoint must carry to restore into this model (table sizes, shape fields)."""
-    shape = {f"model.{k}": getattr(cfg.model, k) for k in SHAPE_FIELDS}
-    if cfg.model.output_layer:  # recorded when false only: older checkpoints have output layers
-        del shape["model.output_layer"]
+    shape = {f"model.{k}": getattr(cfg.model, k) for k in SHAPE_FIELDS
+             if k not in LATER_SHAPE_FIELDS or getattr(cfg.model, k) != LATER_SHAPE_FIELDS[k]}
     return checkpoint.as_json({**{f"vocab.{k}": v for k, v in dataclasses.asdict(vocab).items()},
                                **shape})
 
