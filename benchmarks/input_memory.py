@@ -2,16 +2,18 @@
 
     python -m benchmarks.input_memory --json docs/input_memory.json
 
-For each size (synthetic data, about 1M and 10M events), `recsys prepare`s the training
-examples, then reads `--steps` global batches through the Grain reader in a fresh process
-and records that process's peak RSS. For comparison, the same process kinds are measured
-doing nothing but importing (baseline) and building the examples in memory (Dataset +
-BatchOrder, what training does without data.prepared).
+For each size (synthetic data, about 1M and 10M events: the same 34,000 users and 50,000
+items, 30 or 300 events per user, so only the events grow), `recsys prepare`s the training
+examples with data.shuffle_window=`--window`, then reads `--steps` global batches through the
+Grain reader in a fresh process and records that process's peak RSS. For comparison, the same
+process kinds are measured doing nothing but importing (baseline) and building the examples
+in memory (Dataset + BatchOrder, what training does without data.prepared).
 
 Writes JSON with, per size (`sizes`: list):
   events, examples, users, items     the prepared data
-  prepare_seconds, prepare_peak_rss_mib, disk_mib
+  prepare_seconds, prepare_peak_rss_mib, disk_mib, shards
   peak_rss_mib                       the Grain reader's process after `steps` batches
+  open_shards_max                    the most shard readers it held open at once
   read_examples_per_sec              examples read (decoded, batched) per second, prefetch 2,
                                      shards in the page cache (just written)
   read_examples_per_sec_cold         the same with the shards dropped from the page cache
@@ -22,8 +24,8 @@ Writes JSON with, per size (`sizes`: list):
                                      the prepared examples, `--train-steps` steps
   train_in_memory_peak_rss_mib, train_in_memory_examples_per_sec
                                      the same training from the events in memory
-and once: baseline_rss_mib (imports only), batch_order_at_us ({batch: us} of BatchOrder.at
-over 10M examples), grain_index_shuffle_us (one grain.experimental.index_shuffle call), the
+and once: window, baseline_rss_mib (imports only), batch_order_at_us ({batch: us} of
+BatchOrder.at over 10M examples, default data.shuffle_window), grain_index_shuffle_us (one grain.experimental.index_shuffle call), the
 reading settings and provenance.
 """
 
@@ -41,14 +43,15 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SIZES = {"100k": 3_400, "1M": 34_000, "10M": 340_000}  # users, 30 events each on average
-ITEMS = 50_000
+SIZES = {"100k": 3.0, "1M": 30.0, "10M": 300.0}  # mean events per user
+USERS, ITEMS = 34_000, 50_000
+WINDOW = 1 << 18  # 262,144 examples: 1M events are 4 windows, 10M are 38
 
 
-def data_config(users: int):
+def data_config(per_user: float, window: int):
     from recsys.config import DataConfig
-    return DataConfig(num_users=users, num_items=ITEMS, interactions_per_user=30.0,
-                      num_clusters=64, num_genres=12, history_len=20)
+    return DataConfig(num_users=USERS, num_items=ITEMS, interactions_per_user=per_user,
+                      num_clusters=64, num_genres=12, history_len=20, shuffle_window=window)
 
 
 def peak_rss_mib() -> float:
@@ -66,10 +69,10 @@ def child_baseline() -> dict:
     return {"peak_rss_mib": peak_rss_mib()}
 
 
-def child_prepare(users: int, out: str) -> dict:
+def child_prepare(per_user: float, window: int, out: str) -> dict:
     from recsys.data import prepare
     t0 = time.perf_counter()
-    prepare.prepare(data_config(users), out)
+    prepare.prepare(data_config(per_user, window), out)
     return {"prepare_seconds": time.perf_counter() - t0, "peak_rss_mib": peak_rss_mib()}
 
 
@@ -81,22 +84,27 @@ def child_read(out: str, steps: int, batch: int, prefetch: int, cold: bool) -> d
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             os.close(fd)
     data = PreparedData.open(out)
+    rows, most = 0, 0
     with data.batches(batch, seed=0, prefetch=prefetch, num_steps=steps + 1) as reader:
-        next(reader)  # opens the shards' readers
+        next(reader)  # opens the first shards' readers
         t0 = time.perf_counter()
-        rows = sum(len(next(reader).positions) for _ in range(steps))
+        for _ in range(steps):
+            rows += len(next(reader).positions)
+            most = max(most, len(data._shards.open_shards))
         seconds = time.perf_counter() - t0
-    return {"read_examples_per_sec": rows / seconds, "peak_rss_mib": peak_rss_mib()}
+    return {"read_examples_per_sec": rows / seconds, "peak_rss_mib": peak_rss_mib(),
+            "open_shards_max": most}
 
 
-def child_in_memory(users: int, steps: int, batch: int) -> dict:
+def child_in_memory(per_user: float, window: int, steps: int, batch: int) -> dict:
     child_baseline()  # the same imports as the reader's process
     from recsys.data import dataset
     from recsys.data.batches import BatchOrder, example_inputs
     from recsys.data.sources import load_raw
-    cfg = data_config(users)
+    cfg = data_config(per_user, window)
     ds = dataset.build(load_raw(cfg), cfg)
-    order = BatchOrder(ds.train_positions(cfg.trained_on, cfg.max_examples_per_user), batch, 0)
+    order = BatchOrder(ds.train_positions(cfg.trained_on, cfg.max_examples_per_user), batch, 0,
+                       window)
     t0 = time.perf_counter()
     for step in range(steps):
         example_inputs(ds, order.at(step))
@@ -104,14 +112,15 @@ def child_in_memory(users: int, steps: int, batch: int) -> dict:
             "peak_rss_mib": peak_rss_mib()}
 
 
-def child_train(users: int, out: str, steps: int, batch: int, prepared: bool) -> dict:
+def child_train(per_user: float, window: int, out: str, steps: int, batch: int,
+                prepared: bool) -> dict:
     """`recsys train` of the default towers for `steps` steps (no ranker, validation or
     mining): from the prepared examples (the events never loaded) or from the events."""
     import tempfile
 
     from recsys import pipeline
     from recsys.config import Config, RankerConfig, TrainConfig
-    data = data_config(users)
+    data = data_config(per_user, window)
     if prepared:
         data = dataclasses.replace(data, prepared=out)
     cfg = Config(data=data, ranker=RankerConfig(steps=0),
@@ -126,11 +135,12 @@ def child_order_cost() -> dict:
     import grain
     import numpy as np
 
+    from recsys.config import DataConfig
     from recsys.data.batches import BatchOrder
     n = 10_000_000
     out = {}
     for batch in (1024, 8192):
-        order = BatchOrder(np.arange(n), batch, seed=0)
+        order = BatchOrder(np.arange(n), batch, 0, DataConfig().shuffle_window)
         order.at(0)
         t0 = time.perf_counter()
         for step in range(200):
@@ -164,10 +174,12 @@ def main() -> None:
     p.add_argument("--workdir", default=str(ROOT / "runs" / "input_memory"),
                    help="where the prepared directories go (removed at the end)")
     p.add_argument("--sizes", default="1M,10M", help=f"comma-separated, of {list(SIZES)}")
-    p.add_argument("--steps", type=int, default=300, help="global batches read per size")
+    p.add_argument("--window", type=int, default=WINDOW, help="data.shuffle_window")
+    p.add_argument("--steps", type=int, default=1200,
+                   help="global batches read per size (default: ~5 windows)")
     p.add_argument("--batch", type=int, default=1024, help="global batch size")
     p.add_argument("--prefetch", type=int, default=2, help="batches read ahead")
-    p.add_argument("--train-steps", type=int, default=200,
+    p.add_argument("--train-steps", type=int, default=600,
                    help="steps of each `recsys train` measured per size")
     p.add_argument("--keep", action="store_true", help="keep the prepared directories")
     p.add_argument("--json", help="also write the result here")
@@ -176,19 +188,20 @@ def main() -> None:
 
     workdir = pathlib.Path(args.workdir)
     result = {"baseline_rss_mib": run_child("baseline")["peak_rss_mib"],
-              **run_child("order_cost"), "steps": args.steps, "batch": args.batch,
+              **run_child("order_cost"), "window": args.window, "steps": args.steps,
+              "batch": args.batch,
               "prefetch": args.prefetch, "sizes": []}
     for label in args.sizes.split(","):
-        users = SIZES[label]
+        data = {"per_user": SIZES[label], "window": args.window}
         out = workdir / label
-        prep = run_child("prepare", users=users, out=str(out))
+        prep = run_child("prepare", **data, out=str(out))
         spec = json.loads((out / "spec.json").read_text())
         read = run_child("read", out=str(out), steps=args.steps, batch=args.batch,
                          prefetch=args.prefetch, cold=False)
         cold = run_child("read", out=str(out), steps=args.steps, batch=args.batch,
                          prefetch=args.prefetch, cold=True)
-        mem = run_child("in_memory", users=users, steps=args.steps, batch=args.batch)
-        train = {kind: run_child("train", users=users, out=str(out), steps=args.train_steps,
+        mem = run_child("in_memory", **data, steps=args.steps, batch=args.batch)
+        train = {kind: run_child("train", **data, out=str(out), steps=args.train_steps,
                                  batch=args.batch, prepared=kind == "prepared")
                  for kind in ("prepared", "in_memory")}
         disk = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
@@ -197,7 +210,8 @@ def main() -> None:
             "users": spec["num_users"], "items": spec["num_items"],
             "prepare_seconds": prep["prepare_seconds"],
             "prepare_peak_rss_mib": prep["peak_rss_mib"], "disk_mib": disk / 2**20,
-            "peak_rss_mib": read["peak_rss_mib"],
+            "shards": len(spec["tfds"]["shard_lengths"]),
+            "peak_rss_mib": read["peak_rss_mib"], "open_shards_max": read["open_shards_max"],
             "read_examples_per_sec": read["read_examples_per_sec"],
             "read_examples_per_sec_cold": cold["read_examples_per_sec"],
             "in_memory_peak_rss_mib": mem["peak_rss_mib"],

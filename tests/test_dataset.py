@@ -5,10 +5,20 @@ import pytest
 
 from recsys.config import DataConfig
 from recsys.data import dataset
-from recsys.data.batches import (BatchOrder, event_query_inputs, example_indices, example_inputs,
-                                 item_inputs, shuffled)
+from recsys.data.batches import (
+    BatchOrder,
+    epoch_places,
+    event_query_inputs,
+    example_indices,
+    example_inputs,
+    item_inputs,
+    shuffled,
+    storage_order,
+)
 from recsys.data.schema import DataError, ItemInfo, RawData
 from recsys.data.vocab import Vocab
+
+WINDOW = DataConfig().shuffle_window  # data this small is one window: one shuffle per epoch
 
 
 def _raw(user_ids, item_ids, times, catalogue=None):
@@ -85,12 +95,12 @@ def test_users_with_too_few_events_are_dropped_and_unknown_items_ignored():
 
 def test_batch_order_is_seeded_resumable_and_covers_each_epoch():
     positions = np.arange(100, 200)
-    a, b = BatchOrder(positions, 32, seed=3), BatchOrder(positions, 32, seed=3)
+    a, b = BatchOrder(positions, 32, 3, WINDOW), BatchOrder(positions, 32, 3, WINDOW)
     first = [a.at(s) for s in range(10)]
     np.testing.assert_array_equal(b.at(7), first[7])  # resuming at step 7 sees the same batch
     epoch = np.concatenate(first)[:100]
     assert sorted(epoch.tolist()) == list(range(100, 200))
-    assert not np.array_equal(BatchOrder(positions, 32, seed=4).at(0), first[0])
+    assert not np.array_equal(BatchOrder(positions, 32, 4, WINDOW).at(0), first[0])
     halves = np.concatenate([a.at(5, 0, 2), a.at(5, 1, 2)])
     np.testing.assert_array_equal(halves, first[5])
     rows = np.array([31, 0, 7])  # any rows, e.g. sharding.process_rows on a TPU topology
@@ -114,11 +124,57 @@ def test_shuffled_is_a_permutation_per_seed_and_epoch(n):
 
 def test_batches_cross_epoch_boundaries_without_repeats_inside_an_epoch():
     n, b = 10, 4  # batch 2 holds the last 2 examples of epoch 0 and the first 2 of epoch 1
-    flat = np.concatenate([example_indices(s, np.arange(b), b, n, seed=3) for s in range(5)])
+    flat = np.concatenate([example_indices(s, np.arange(b), b, n, 3, WINDOW)
+                           for s in range(5)])
     assert sorted(flat[:10].tolist()) == list(range(10))
     assert sorted(flat[10:20].tolist()) == list(range(10))
     assert not np.array_equal(flat[:10], flat[10:20])
     np.testing.assert_array_equal(flat[10:20], shuffled(np.arange(10), n, 3, 1))
+
+
+@pytest.mark.parametrize("n,window", [(10, 3), (100, 7), (97, 97), (98, 97), (1000, 100),
+                                      (1001, 100), (5, 1)])
+def test_windowed_epochs_are_permutations_that_read_a_window_at_a_time(n, window):
+    orders = {(seed, epoch): epoch_places(np.arange(n), n, window, seed, epoch)
+              for seed in (0, 1) for epoch in (0, 1)}
+    count = -(-n // window)
+    for order in orders.values():
+        assert sorted(order.tolist()) == list(range(n))
+        # Each window's examples come as one run of places: the window changes count-1 times.
+        assert np.count_nonzero(np.diff(order // window)) == count - 1
+    if n <= window:  # one window: exactly the whole-data shuffle
+        np.testing.assert_array_equal(orders[(1, 1)], shuffled(np.arange(n), n, 1, 1))
+    if n >= 1000:  # seeds and epochs reorder the windows and the examples inside them
+        assert len({o.tobytes() for o in orders.values()}) == 4
+        assert len({tuple(o[::window] // window) for o in orders.values()}) > 1
+    sub = np.array([n - 1, 0, n // 2])  # any places, alone
+    np.testing.assert_array_equal(epoch_places(sub, n, window, 1, 1), orders[(1, 1)][sub])
+
+
+def test_storage_order_spreads_every_window_over_the_whole_data():
+    np.testing.assert_array_equal(storage_order(500, 500), np.arange(500))  # one window: as is
+    n, window = 20_000, 1000
+    stored = storage_order(n, window)
+    assert sorted(stored.tolist()) == list(range(n))
+    np.testing.assert_array_equal(storage_order(n, window, 1234, 10), stored[1234:1244])
+    np.testing.assert_array_equal(storage_order(n, 999)[:5], storage_order(n, 1)[:5])
+    for w in range(0, n, window):  # each window: a uniform sample, every tenth of the data
+        deciles = np.bincount(stored[w:w + window] * 10 // n, minlength=10)
+        assert deciles.min() > 60, deciles
+
+
+def test_a_windowed_batch_order_covers_each_epoch_from_one_window_at_a_time():
+    positions = np.arange(5000, 7000)  # e.g. users' events in time order
+    order = BatchOrder(positions, 50, seed=2, window=300)
+    epoch = np.concatenate([order.at(s) for s in range(40)])
+    assert sorted(epoch.tolist()) == positions.tolist()
+    stored_at = {int(p): i for i, p in enumerate(order.positions)}  # position -> example
+    for s in range(40):
+        windows = {stored_at[int(p)] // 300 for p in order.at(s)}
+        assert len(windows) <= 2
+    first = order.at(0)
+    assert np.ptp(first) > 1000  # a window spreads over the data, not 300 neighbouring events
+    np.testing.assert_array_equal(BatchOrder(positions, 50, 2, 300).at(17), order.at(17))
 
 
 def test_example_inputs_shapes():

@@ -1,6 +1,8 @@
 """The Grain reader yields, step for step, what the in-memory path builds: the same rows of the
-same positions with the same feature values, per process, across epochs and after resuming."""
+same positions with the same feature values, per process, across epochs and after resuming,
+with the whole data shuffled at once and in windows (data.shuffle_window)."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -17,22 +19,30 @@ from recsys.data.sources import load_raw
 CFG = DataConfig(num_users=40, num_items=60, interactions_per_user=10, num_clusters=4,
                  num_genres=5, history_len=5)
 BATCH, SEED = 64, 7
+WINDOW = 48  # the windowed case: ~7 windows of the ~330 examples, one shard each
+
+
+@pytest.fixture(scope="module", params=["whole", "windowed"])
+def cfg(request):
+    return CFG if request.param == "whole" else dataclasses.replace(CFG, shuffle_window=WINDOW)
 
 
 @pytest.fixture(scope="module")
-def ds():
-    return dataset.build(load_raw(CFG), CFG)
+def ds(cfg):
+    return dataset.build(load_raw(cfg), cfg)
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    out = prepare.prepare(CFG, tmp_path_factory.mktemp("grain") / "p", num_shards=2)
-    return PreparedData.open(out, expect=CFG)
+def data(cfg, tmp_path_factory):
+    shards = 2 if cfg.shuffle_window > 1000 else None  # None: a shard per window
+    out = prepare.prepare(cfg, tmp_path_factory.mktemp("grain") / "p", num_shards=shards)
+    return PreparedData.open(out, expect=cfg)
 
 
 @pytest.fixture(scope="module")
-def order(ds):
-    return BatchOrder(ds.train_positions(CFG.trained_on, CFG.max_examples_per_user), BATCH, SEED)
+def order(ds, cfg):
+    return BatchOrder(ds.train_positions(cfg.trained_on, cfg.max_examples_per_user), BATCH, SEED,
+                      cfg.shuffle_window)
 
 
 def _steps(data):
@@ -87,7 +97,8 @@ def test_a_resumed_reader_continues_exactly(data):
         next(first)
     state = json.loads(json.dumps(first.get_state()))  # as stored in checkpoint metadata
     assert state == {"step": 4, "seed": SEED, "batch_size": BATCH,
-                     "num_examples": data.num_examples} == first.state_at(4)
+                     "num_examples": data.num_examples,
+                     "shuffle_window": data.shuffle_window} == first.state_at(4)
     rest = [next(first) for _ in range(6)]
     for resumed in (data.batches(BATCH, SEED, start_step=4), data.batches(BATCH, SEED)):
         resumed.set_state(state)
@@ -108,11 +119,27 @@ def test_prefetch_depth_changes_nothing_but_timing(data):
         np.testing.assert_array_equal(np.stack(run), np.stack(runs[0]))
 
 
-def test_what_training_needs_besides_batches(data, ds):
-    positions = ds.train_positions(CFG.trained_on, CFG.max_examples_per_user)
-    assert data.num_examples == len(positions) and data.history_len == CFG.history_len
+def test_what_training_needs_besides_batches(data, ds, cfg):
+    positions = ds.train_positions(cfg.trained_on, cfg.max_examples_per_user)
+    assert data.num_examples == len(positions) and data.history_len == cfg.history_len
     assert data.num_items == ds.num_items
     assert data.vocab["item_rows"] == ds.items.size and data.vocab["user_rows"] == ds.users.size
     assert data.vocab["num_genres"] == ds.features.item_genres.shape[1]
     np.testing.assert_array_equal(data.item_counts, ds.item_counts(positions))
     np.testing.assert_array_equal(data.features.item_year, ds.features.item_year)
+
+
+def test_a_windowed_reader_holds_only_the_shards_of_its_windows(data, cfg):
+    if cfg.shuffle_window > 1000:
+        pytest.skip("the whole data is one window: every shard serves every batch")
+    shards = data._shards
+    assert len(shards.files) >= 6  # a shard per window
+    batch, most = 16, 0
+    with data.batches(batch, SEED, prefetch=2) as reader:
+        for _ in range(3 * data.num_examples // batch):  # three epochs
+            examples = next(reader).examples
+            assert len(np.unique(examples // WINDOW)) <= 2  # one window, or the next one too
+            most = max(most, len(shards.open_shards))
+    # The windows of the last 4 reads and of the 2 read ahead: ~100 places of the order, at
+    # most 4 windows of 48 (5 with the short last one), of the 8.
+    assert 2 <= most <= 5 < len(shards.files)

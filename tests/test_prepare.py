@@ -1,6 +1,7 @@
 """recsys prepare: records are the training examples in order, the spec says what they are, a
 half-written or foreign directory never passes for a prepared one, and Beam writes the same."""
 
+import dataclasses
 import json
 import pathlib
 
@@ -10,7 +11,7 @@ import pytest
 from recsys import cli
 from recsys.config import DataConfig
 from recsys.data import dataset, prepare
-from recsys.data.batches import example_inputs
+from recsys.data.batches import example_inputs, storage_order
 from recsys.data.grain_input import PreparedData
 from recsys.data.schema import DataError
 from recsys.data.sources import load_raw
@@ -47,6 +48,24 @@ def test_record_i_is_training_example_i_across_shards(prepared, ds):
     for k, v in want.items():
         assert got[k].dtype == v.dtype and got[k].shape == v.shape, k
         np.testing.assert_array_equal(got[k], v, err_msg=k)
+
+
+def test_above_a_window_records_are_stored_pre_shuffled_a_window_per_shard(ds, tmp_path):
+    cfg = dataclasses.replace(CFG, shuffle_window=100)
+    out = prepare.prepare(cfg, tmp_path / "windowed")
+    positions = ds.train_positions(cfg.trained_on, cfg.max_examples_per_user)
+    spec = json.loads((out / prepare.SPEC).read_text())
+    assert spec["data"]["shuffle_window"] == 100
+    assert all(n <= 100 for n in spec["tfds"]["shard_lengths"])  # a window reads 1-2 shards
+    assert len(spec["tfds"]["shard_lengths"]) == -(-len(positions) // 100)
+    got_positions, got = _all_rows(out)
+    np.testing.assert_array_equal(got_positions,
+                                  positions[storage_order(len(positions), 100)])
+    assert not np.array_equal(got_positions, positions)
+    np.testing.assert_array_equal(got["history"], example_inputs(ds, got_positions)["history"])
+    with pytest.raises(DataError, match="data.shuffle_window=100, but the config has "
+                                        "data.shuffle_window=2097152"):
+        PreparedData.open(out, expect=CFG)
 
 
 def test_spec_and_tables_describe_the_examples(prepared, ds):
@@ -151,9 +170,14 @@ def test_a_beam_worker_builds_the_dataset_from_the_data_config(prepared):
     np.testing.assert_array_equal(rows["history"], inputs["history"])
 
 
-def test_beam_direct_runner_writes_the_same_records(prepared, tmp_path):
+@pytest.mark.parametrize("window", [None, 100])
+def test_beam_direct_runner_writes_the_same_records(prepared, tmp_path, window):
     pytest.importorskip("apache_beam")
-    out = prepare.prepare(CFG, tmp_path / "beam", beam_options=["--runner=DirectRunner"])
+    cfg = CFG
+    if window:  # stored pre-shuffled, a shard per window, either way
+        cfg = dataclasses.replace(CFG, shuffle_window=window)
+        prepared = prepare.prepare(cfg, tmp_path / "in_process")
+    out = prepare.prepare(cfg, tmp_path / "beam", beam_options=["--runner=DirectRunner"])
     spec_a = json.loads((prepared / prepare.SPEC).read_text())
     spec_b = json.loads((out / prepare.SPEC).read_text())
     assert {**spec_a, "tfds": None} == {**spec_b, "tfds": None}

@@ -68,6 +68,10 @@ class DataConfig(_Section):
     min_user_events: int = 3  # users with fewer events are dropped (need train, validation, test)
     max_examples_per_user: int = 0  # cap on training targets per user (0 = no cap)
     trained_on: Literal["train+val", "train"] = "train+val"  # train: validation only for early stopping
+    # Each epoch shuffles the training examples whole up to this many; above, in windows of this
+    # many (stored pre-shuffled, so a window is a uniform sample of all), and a reader of
+    # prepared data holds only one or two windows' shards whatever the data's size
+    shuffle_window: int = 1 << 21
     # Events whose item is not in the catalogue (e.g. missing from movies.csv): counted and
     # reported, then dropped, or refused with an error naming the first one.
     unknown_items: Literal["drop", "fail"] = "drop"
@@ -85,6 +89,7 @@ class DataConfig(_Section):
         for name in ("num_users", "num_items", "history_len"):
             self._require(getattr(self, name) > 0, name, "must be positive")
         self._require(self.max_examples_per_user >= 0, "max_examples_per_user", "must be >= 0")
+        self._require(self.shuffle_window > 0, "shuffle_window", "must be positive")
         self._require(0.0 <= self.max_bad_fraction <= 1.0, "max_bad_fraction",
                       "must be in [0, 1]")
         self._require(bool(self.multi_value_separator), "multi_value_separator",

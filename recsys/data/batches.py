@@ -54,10 +54,21 @@ def example_inputs(ds: Dataset, positions_B: np.ndarray, names=None) -> dict:
 # ---- the example order ---------------------------------------------------------------------
 # Shared by BatchOrder (examples in memory) and recsys.data.grain_input (prepared examples), so
 # both put the same examples in the same rows of every global batch.
+#
+# Examples are numbered in *storage order*: example r is training position
+# positions[storage_order(n, window)[r]] (`recsys prepare` writes it as record r). Up to
+# `window` examples, storage order is the positions' own order and every epoch is one uniform
+# permutation of all of them. Above it, storage order is a fixed pseudo-random permutation (the
+# same for every training seed), so any `window` consecutive examples are a uniform sample of
+# all; an epoch then visits the windows of consecutive examples in a seeded order and each
+# window in a seeded order of its own. A reader of prepared shards thus needs only the shards of
+# one or two windows at a time (its memory does not grow with the data), and a batch is still a
+# uniform draw from the whole data (one window: `window` examples spread over all users).
 
 _ROUNDS = 4  # Feistel rounds of the per-epoch permutation (4: Luby-Rackoff's minimum)
 _MIX_1 = np.uint64(0xBF58476D1CE4E5B9)  # odd 64-bit multipliers (splitmix64's)
 _MIX_2 = np.uint64(0x94D049BB133111EB)
+_STORAGE_KEY = 0x5702A6E  # keys storage_order (with the example count), never the training seed
 
 
 def shuffled(index_N: np.ndarray, num_examples: int, seed: int, epoch: int) -> np.ndarray:
@@ -69,37 +80,83 @@ def shuffled(index_N: np.ndarray, num_examples: int, seed: int, epoch: int) -> n
     `num_examples` is. Grain's `index_shuffle` is the same idea but takes one index per Python
     call (about 2.7 us each: 22 ms for a batch of 8192).
     """
-    half = max(1, (int(num_examples - 1).bit_length() + 1) // 2)
+    return _permuted(index_N, num_examples, (seed, epoch))
+
+
+def _permuted(index_N: np.ndarray, n: int, key: tuple[int, ...]) -> np.ndarray:
+    """`shuffled`, keyed by any tuple of non-negative ints."""
+    half = max(1, (int(n - 1).bit_length() + 1) // 2)
     shift, top, mask = np.uint64(half), np.uint64(64 - half), np.uint64((1 << half) - 1)
-    keys = np.random.SeedSequence([seed, epoch]).generate_state(_ROUNDS, np.uint64)
+    keys = np.random.SeedSequence(list(key)).generate_state(_ROUNDS, np.uint64)
     out = np.asarray(index_N, np.uint64).copy()
     todo = np.arange(len(out))
     x = out
     while len(todo):
         left, right = x >> shift, x & mask
-        for key in keys:  # round: (L, R) -> (R, L ^ F(R)), F = top bits of a mixed R ^ key
-            z = (right ^ key) * _MIX_1
+        for k in keys:  # round: (L, R) -> (R, L ^ F(R)), F = top bits of a mixed R ^ key
+            z = (right ^ k) * _MIX_1
             z ^= z >> np.uint64(29)
             z *= _MIX_2
             left, right = right, left ^ (z >> top)
         x = (left << shift) | right
         out[todo] = x
-        outside = x >= num_examples
+        outside = x >= n
         todo, x = todo[outside], x[outside]
     return out.astype(np.int64)
 
 
-def example_indices(step: int, rows_R: np.ndarray, batch_size: int, num_examples: int,
-                    seed: int) -> np.ndarray:
-    """Which training examples (0..num_examples-1) rows `rows_R` of global batch `step` hold.
+def storage_order(num_examples: int, window: int, first: int = 0,
+                  count: int | None = None) -> np.ndarray:
+    """Which training position (index into the positions) examples first .. first+count-1 are,
+    in storage order (see above): [count] int64; all of them when count is None."""
+    count = num_examples - first if count is None else count
+    index = np.arange(first, first + count, dtype=np.int64)
+    return index if num_examples <= window else _permuted(index, num_examples,
+                                                          (_STORAGE_KEY, num_examples))
 
-    Global batch s is slots s*B .. s*B+B-1 of an endless stream in which epoch e is a fresh
-    permutation of the examples seeded by (seed, e): a pure function of (seed, step), so a
-    resumed run sees exactly what an uninterrupted one would have, and processes that each
-    compute their own rows agree on the whole batch. Returns [R] int64.
+
+def epoch_places(within_N: np.ndarray, num_examples: int, window: int, seed: int,
+                 epoch: int) -> np.ndarray:
+    """The examples at places `within_N` of epoch `epoch`'s order: [N] int64.
+
+    Up to `window` examples, `shuffled`. Above, windows of `window` consecutive examples (the
+    last one shorter) in the order `shuffled` gives the window numbers for (seed, epoch, 0),
+    each window's examples in the order of its own key (seed, epoch, 1, window number).
+    """
+    within_N = np.asarray(within_N, np.int64)
+    if num_examples <= window:
+        return shuffled(within_N, num_examples, seed, epoch)
+    count = -(-num_examples // window)
+    last = num_examples - (count - 1) * window  # the last window's examples (1 .. window)
+    window_at_C = _permuted(np.arange(count), count, (seed, epoch, 0))  # place -> window
+    short = int(np.flatnonzero(window_at_C == count - 1)[0])  # the place of the last window
+    after = short * window + last  # the first place after the short window
+    place_N = np.where(within_N < short * window, within_N // window,
+                       np.where(within_N < after, short, (within_N - last) // window + 1))
+    offset_N = within_N - np.where(place_N <= short, place_N * window,
+                                   (place_N - 1) * window + last)
+    window_N = window_at_C[place_N]
+    out = np.empty(len(within_N), np.int64)
+    for w in np.unique(window_N).tolist():
+        sel = window_N == w
+        size = last if w == count - 1 else window
+        out[sel] = w * window + _permuted(offset_N[sel], size, (seed, epoch, 1, w))
+    return out
+
+
+def example_indices(step: int, rows_R: np.ndarray, batch_size: int, num_examples: int,
+                    seed: int, window: int) -> np.ndarray:
+    """Which training examples (0..num_examples-1, storage order) rows `rows_R` of global batch
+    `step` hold.
+
+    Global batch s is slots s*B .. s*B+B-1 of an endless stream in which epoch e is the order
+    `epoch_places` gives for (seed, e): a pure function of (seed, step), so a resumed run sees
+    exactly what an uninterrupted one would have, and processes that each compute their own
+    rows agree on the whole batch. Returns [R] int64.
     """
     return _by_epoch(step, rows_R, batch_size, num_examples,
-                     lambda epoch, within: shuffled(within, num_examples, seed, epoch))
+                     lambda epoch, within: epoch_places(within, num_examples, window, seed,
+                                                        epoch))
 
 
 def _by_epoch(step: int, rows_R: np.ndarray, batch_size: int, num_examples: int, at_epoch):
@@ -125,21 +182,27 @@ CACHED_PERMUTATION_MAX = 1 << 24
 
 
 class BatchOrder:
-    """Which training positions form global batch `step` (see `example_indices`)."""
+    """Which training positions form global batch `step` (see `example_indices`).
 
-    def __init__(self, positions: np.ndarray, batch_size: int, seed: int):
+    window: `data.shuffle_window` (the order's window; see "the example order" above).
+    """
+
+    def __init__(self, positions: np.ndarray, batch_size: int, seed: int, window: int):
         if len(positions) == 0:
             raise ValueError("no training examples")
-        self.positions = np.asarray(positions, np.int64)
+        positions = np.asarray(positions, np.int64)
+        self.positions = positions[storage_order(len(positions), window)]  # by example
         self.batch_size = batch_size
         self.seed = seed
+        self.window = window
         self._permutations: dict[int, np.ndarray] = {}  # epoch -> positions in its order
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
         """The positions in epoch `epoch`'s order (the last two epochs kept)."""
         if epoch not in self._permutations:
             n = len(self.positions)
-            self._permutations[epoch] = self.positions[shuffled(np.arange(n), n, self.seed, epoch)]
+            self._permutations[epoch] = self.positions[
+                epoch_places(np.arange(n), n, self.window, self.seed, epoch)]
             for old in [e for e in self._permutations if e < epoch - 1]:
                 del self._permutations[old]
         return self._permutations[epoch]
@@ -156,6 +219,7 @@ class BatchOrder:
             rows = process_index * per_process + np.arange(per_process)
         n = len(self.positions)
         if n > CACHED_PERMUTATION_MAX:
-            return self.positions[example_indices(step, rows, self.batch_size, n, self.seed)]
+            return self.positions[example_indices(step, rows, self.batch_size, n, self.seed,
+                                                  self.window)]
         return _by_epoch(step, rows, self.batch_size, n,
                          lambda epoch, within: self._epoch_order(epoch)[within])

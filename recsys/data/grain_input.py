@@ -12,8 +12,10 @@ give for the Dataset the directory was prepared from. The order is a pure functi
 (seed, step), so the step is the whole iterator state: a reader started at step s (or given
 the state of one that reached s) yields what an uninterrupted reader yields from s.
 
-Memory: the spec, the item and user tables (rows of the vocabularies), the ArrayRecord
-readers' per-shard indexes, and at most `prefetch` decoded batches; never the event log.
+Memory: the spec, the item and user tables (rows of the vocabularies), the record indexes of
+the shards the last few batches read (an epoch reads the examples a window at a time, and a
+window is one or two shards: `data.shuffle_window`), and at most `prefetch` decoded batches;
+never the event log, and nothing that grows with the number of examples.
 """
 
 from __future__ import annotations
@@ -112,7 +114,8 @@ class PreparedData:
             with np.load(path / prepare.TABLES, allow_pickle=False) as z:
                 tables = {k: z[k] for k in z.files}
             info = tfds.builder_from_directory(str(path / spec["tfds"]["dir"])).info
-            shards = _Shards(info.splits[spec["tfds"]["split"]].file_instructions)
+            shards = _Shards(info.splits[spec["tfds"]["split"]].file_instructions,
+                             spec["data"]["shuffle_window"])
             data = cls(path, spec, tables, shards, prepare.row_dtype(spec["features"]))
         except (OSError, ValueError, KeyError) as e:  # a damaged directory, not a user's code
             raise DataError(f"{path}: damaged ({type(e).__name__}: {e}); prepare it again"
@@ -125,6 +128,11 @@ class PreparedData:
     @property
     def num_examples(self) -> int:
         return self.spec["num_examples"]
+
+    @property
+    def shuffle_window(self) -> int:
+        """The window of the order the examples were stored for (`data.shuffle_window`)."""
+        return self.spec["data"]["shuffle_window"]
 
     @property
     def history_len(self) -> int:
@@ -190,8 +198,11 @@ class PreparedData:
 class _Shards:
     """A TFDS split's ArrayRecord shards as one sequence of records, read in the calling thread.
 
-    One reader per shard, opened on first use and shared by Grain's threads (a lock each: a
-    read is a seek and a read). Not array_record's ArrayRecordDataSource (what TFDS's and
+    One reader per shard, opened when a read needs it and shared by Grain's threads (a lock
+    each: a read is a seek and a read), closed once `keep_reads` reads in a row have touched
+    no window of examples it overlaps (windows: `window` consecutive records, what the order
+    reads at a time): a reader holds its shard's whole record index (~11 bytes a record), so a
+    process holds one or two windows' indexes, not all of them. Not array_record's ArrayRecordDataSource (what TFDS's and
     Grain's data sources wrap): it starts a thread pool per call, each new thread gets another
     malloc arena, and a reader of 300 batches of 1024 from 183 MiB of records grew to 900 MiB
     RSS (flat at 350 MiB this way). Not `ArrayRecordReader.read(indices)` either: each call
@@ -202,12 +213,22 @@ class _Shards:
     OPTIONS = "readahead_buffer_size:0,max_parallelism:0"  # array_record's random-access advice
     BUFFER_BYTES = 4096  # read per record (rows are ~0.2-1 KiB; larger ones are read whole)
 
-    def __init__(self, file_instructions):
+    def __init__(self, file_instructions, window: int, keep_reads: int = 4):
         self.files = [f.filename for f in file_instructions]
         self.skip = np.array([f.skip for f in file_instructions], np.int64)
         self.start = np.concatenate([[0], np.cumsum([f.take for f in file_instructions])])
+        self.window, self.keep_reads = window, keep_reads
         self._readers: list = [None] * len(self.files)
-        self._locks = [threading.Lock() for _ in self.files]
+        self._locks = [threading.Lock() for _ in self.files]  # one read of a shard at a time
+        self._lock = threading.Lock()  # opening, closing and the counts below
+        self._reads = 0  # read() calls begun
+        self._last_read = [0] * len(self.files)  # the read() that last touched each shard's windows
+        self._users = [0] * len(self.files)  # read() calls using each shard now
+
+    @property
+    def open_shards(self) -> list[int]:
+        """The shards whose readers are open now."""
+        return [i for i, r in enumerate(self._readers) if r is not None]
 
     def __len__(self) -> int:
         return int(self.start[-1])
@@ -219,27 +240,61 @@ class _Shards:
         shard_R = np.searchsorted(self.start, index_R, side="right") - 1
         offset_R = index_R - self.start[shard_R] + self.skip[shard_R]
         out_RxS = np.empty((len(index_R), size), np.uint8)
-        for shard in np.unique(shard_R):
-            rows = np.flatnonzero(shard_R == shard)
-            rows = rows[np.argsort(offset_R[rows], kind="stable")]  # file order: fewer misses
-            with self._locks[shard]:
-                reader = self._reader(int(shard))
-                records = []
-                for offset in offset_R[rows].tolist():
-                    reader.seek(offset)
-                    records.append(reader.read())
-            flat = np.frombuffer(b"".join(records), np.uint8)
-            if flat.size != len(rows) * size:
-                return None
-            out_RxS[rows] = flat.reshape(len(rows), size)
+        shards = np.unique(shard_R).tolist()
+        with self._lock:
+            self._reads += 1
+            for shard in shards:
+                self._users[shard] += 1
+            for shard in self._window_shards(index_R):
+                self._last_read[shard] = self._reads
+        try:
+            for shard in shards:
+                rows = np.flatnonzero(shard_R == shard)
+                rows = rows[np.argsort(offset_R[rows], kind="stable")]  # file order: fewer misses
+                with self._locks[shard]:
+                    reader = self._reader(shard)
+                    records = []
+                    for offset in offset_R[rows].tolist():
+                        reader.seek(offset)
+                        records.append(reader.read())
+                flat = np.frombuffer(b"".join(records), np.uint8)
+                if flat.size != len(rows) * size:
+                    return None
+                out_RxS[rows] = flat.reshape(len(rows), size)
+        finally:
+            with self._lock:
+                for shard in shards:
+                    self._users[shard] -= 1
+                self._close_idle()
         return out_RxS
 
     def _reader(self, shard: int):
-        """The shard's reader (the caller holds the shard's lock)."""
-        if self._readers[shard] is None:
-            self._readers[shard] = array_record_module.ArrayRecordReader(
+        """The shard's reader, opened if closed (the caller holds the shard's lock)."""
+        with self._lock:
+            reader = self._readers[shard]
+        if reader is None:  # opened outside self._lock: it reads the shard's whole index
+            reader = array_record_module.ArrayRecordReader(
                 self.files[shard], options=self.OPTIONS, file_reader_buffer_size=self.BUFFER_BYTES)
-        return self._readers[shard]
+            with self._lock:
+                self._readers[shard] = reader
+        return reader
+
+    def _window_shards(self, index_R: np.ndarray) -> list[int]:
+        """The shards that overlap the windows these records lie in."""
+        out = set()
+        for w in np.unique(index_R // self.window).tolist():
+            first, last = w * self.window, min((w + 1) * self.window, len(self)) - 1
+            lo, hi = np.searchsorted(self.start, [first, last], side="right") - 1
+            out.update(range(int(lo), int(hi) + 1))
+        return sorted(out)
+
+    def _close_idle(self) -> None:
+        """Closes the readers no read is using that the last `keep_reads` reads did not use
+        (the caller holds self._lock)."""
+        for shard in self.open_shards:
+            if self._users[shard] == 0 and self._last_read[shard] <= self._reads - self.keep_reads:
+                self._readers[shard].close()
+                self._readers[shard] = None
 
 
 def _check_same_data(path: pathlib.Path, prepared: dict, expected: dict) -> None:
@@ -256,7 +311,8 @@ def _check_same_data(path: pathlib.Path, prepared: dict, expected: dict) -> None
 class BatchReader:
     """This process's rows of global batches start_step, start_step + 1, ..., read by Grain.
 
-    Batch s is built by `PreparedData.read(example_indices(s, rows, batch_size, n, seed))`
+    Batch s is built by `PreparedData.read(example_indices(s, rows, batch_size, n, seed,
+    window))`
     inside a Grain pipeline over steps (`MapDataset.range(...).map(...)`), whose
     `to_iter_dataset(ReadOptions)` builds up to `prefetch` batches ahead on as many threads
     (0: each batch when asked). The state is Grain's iterator state, i.e. the next step.
@@ -280,7 +336,7 @@ class BatchReader:
     def at(self, step: int) -> Batch:
         """Batch `step`, read now (no prefetch, no state change)."""
         examples = example_indices(step, self.rows, self.batch_size, self.data.num_examples,
-                                   self.seed)
+                                   self.seed, self.data.shuffle_window)
         positions, inputs = self.data.read(examples)
         return Batch(step=int(step), examples=examples, positions=positions, inputs=inputs)
 
@@ -307,14 +363,17 @@ class BatchReader:
     def state_at(self, step: int) -> dict:
         """The state of a reader whose next batch is `step`, with what makes steps mean the same
         batches. A loop that reads ahead saves `state_at(steps done)` with its checkpoint."""
-        return {"step": int(step), "seed": self.seed, "batch_size": self.batch_size,
-                "num_examples": self.data.num_examples}
+        return {"step": int(step), **self._order()}
+
+    def _order(self) -> dict:
+        """What decides which examples a step's batch holds, besides the step."""
+        return {"seed": self.seed, "batch_size": self.batch_size,
+                "num_examples": self.data.num_examples,
+                "shuffle_window": self.data.shuffle_window}
 
     def set_state(self, state: dict) -> None:
         """Continues from `state["step"]`; the other keys, when present, must match this reader."""
-        mine = {"seed": self.seed, "batch_size": self.batch_size,
-                "num_examples": self.data.num_examples}
-        for k, v in mine.items():
+        for k, v in self._order().items():
             if k in state and state[k] != v:
                 raise DataError(f"input state has {k}={state[k]!r}, this reader {k}={v!r}: its "
                                 "steps would be other batches")

@@ -1,9 +1,11 @@
 """Writes a config's training examples once, as a TFDS dataset of ArrayRecord shards plus a spec.
 
-`prepare(cfg.data, DIR)` builds the Dataset, then writes record i = training example i: for
-each position of `ds.train_positions(cfg.trained_on, cfg.max_examples_per_user)`, in that
-order, exactly what `recsys.data.batches.example_inputs` returns for it, with the example's
-index and position. Training then reads batches through Grain (`recsys.data.grain_input`)
+`prepare(cfg.data, DIR)` builds the Dataset, then writes record i = training example i in
+storage order (`recsys.data.batches.storage_order`: the positions of
+`ds.train_positions(cfg.trained_on, cfg.max_examples_per_user)` in their own order up to
+`cfg.shuffle_window` examples, pre-shuffled above): exactly what
+`recsys.data.batches.example_inputs` returns for its position, with the example's index and
+position. Shards hold at most a window of examples, so reading one window touches one or two. Training then reads batches through Grain (`recsys.data.grain_input`)
 without ever loading the event log.
 
     DIR/spec.json                 format, features (name, dtype, shape), counts, vocabulary
@@ -20,7 +22,7 @@ it like any TFDS dataset.
 
 Everything is written under DIR.tmp and renamed to DIR when complete, so a DIR with a
 spec.json is always whole. In process, `tfds.core.SequentialWriter` streams the records into
-TFDS's shards (about 256 MiB each); with `beam_options` (`recsys prepare --beam`), the
+TFDS's shards (at most 256 MiB and a window each); with `beam_options` (`recsys prepare --beam`), the
 builder's Beam pipeline and TFDS's Beam writer do, on the DirectRunner here or on Dataflow,
 Flink or Spark (workers rebuild the Dataset from the data config, so its files must be
 reachable from them).
@@ -40,7 +42,7 @@ import tensorflow_datasets as tfds
 
 from recsys.config import DataConfig
 from recsys.data import dataset
-from recsys.data.batches import example_inputs
+from recsys.data.batches import example_inputs, storage_order
 from recsys.data.schema import DataError
 
 NAME = "recsys_examples"  # the TFDS dataset name (from the builder class name)
@@ -49,10 +51,10 @@ FEATURE = "example"  # the one TFDS feature: a packed row
 SPEC = "spec.json"
 TABLES = "tables.npz"
 FORMAT = "recsys-prepared-examples"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: records in storage order (data.shuffle_window)
 ID_FIELDS = ("index", "position")  # in every row before the model inputs
 _CHUNK = 65_536  # examples packed at once (bounds temporary memory)
-_SHARD_BYTES = 256 << 20  # rows per shard written in process (Beam: TFDS's own choice)
+_SHARD_BYTES = 256 << 20  # at most this much per shard (and at most a window of examples)
 # Datasets of the configs being prepared (JSON -> (Dataset, positions)): generation reads the
 # one prepare() built; a Beam worker in another process builds its own once.
 _DATASETS: dict[str, tuple[dataset.Dataset, np.ndarray]] = {}
@@ -91,6 +93,14 @@ class _Job:
     data_json: str
     num_examples: int
     features: tuple[dict, ...]
+
+    @property
+    def per_shard(self) -> int:
+        """Examples per shard: the window split into equal parts of at most _SHARD_BYTES."""
+        window = json.loads(self.data_json)["shuffle_window"]
+        row_bytes = row_dtype(list(self.features)).itemsize
+        parts = -(-window * row_bytes // _SHARD_BYTES)
+        return max(1, -(-window // parts))
 
 
 class RecsysExamples(tfds.core.GeneratorBasedBuilder):
@@ -134,9 +144,13 @@ class RecsysExamples(tfds.core.GeneratorBasedBuilder):
 
 
 def _chunk_examples(start: int, data_json: str):
-    """(key, example) of examples start .. start + _CHUNK - 1; key = the example's index."""
+    """(key, example) of examples start .. start + _CHUNK - 1 (storage order); key = the
+    example's index."""
     ds, positions = _dataset(data_json)
-    rows = example_rows(ds, positions[start:start + _CHUNK], start)
+    n = len(positions)
+    stored = storage_order(n, json.loads(data_json)["shuffle_window"], start,
+                           min(_CHUNK, n - start))
+    rows = example_rows(ds, positions[stored], start)
     bytes_PxR = rows.view(np.uint8).reshape(len(rows), rows.dtype.itemsize)
     for j in range(len(rows)):
         yield start + j, {FEATURE: bytes_PxR[j]}
@@ -167,7 +181,8 @@ def prepare(cfg: DataConfig, out: str | pathlib.Path, *, beam_options: list[str]
       out: the directory to write; an existing one must be empty or a prepared directory.
       beam_options: run TFDS's Beam writer with these pipeline options (e.g.
         ["--runner=DirectRunner"]; [] means Beam's defaults); None writes in this process.
-      num_shards: TFDS shards to write (None: TFDS's choice from the size).
+      num_shards: TFDS shards to write (None: shards of at most 256 MiB and at most
+        cfg.shuffle_window examples, what a reader of one window at a time wants).
 
     Returns:
       `out`, complete.
@@ -209,14 +224,13 @@ def _write_records(job: _Job, tmp: pathlib.Path, beam_options: list[str] | None,
     if beam_options is not None:
         from apache_beam.options.pipeline_options import PipelineOptions
         config = tfds.download.DownloadConfig(
-            try_download_gcs=False, num_shards=num_shards,
+            try_download_gcs=False,
+            num_shards=num_shards or -(-job.num_examples // job.per_shard),
             beam_options=PipelineOptions(flags=list(beam_options)))
         with tempfile.TemporaryDirectory() as downloads:  # nothing is downloaded
             builder.download_and_prepare(download_dir=downloads, download_config=config)
     else:
-        row_bytes = row_dtype(list(job.features)).itemsize
-        per_shard = (-(-job.num_examples // num_shards) if num_shards
-                     else max(1, _SHARD_BYTES // row_bytes))
+        per_shard = -(-job.num_examples // num_shards) if num_shards else job.per_shard
         pathlib.Path(builder.data_dir).mkdir(parents=True)
         writer = tfds.core.SequentialWriter(builder.info, max_examples_per_shard=per_shard,
                                             file_format="array_record")

@@ -142,7 +142,7 @@ def train_retrieval(cfg: Config, ds: Dataset | None, workdir: pathlib.Path,
         features, item_counts_V = prepared.features, prepared.item_counts
     else:
         positions = ds.train_positions(cfg.data.trained_on, cfg.data.max_examples_per_user)
-        order = BatchOrder(positions, tc.batch_size, tc.seed)
+        order = BatchOrder(positions, tc.batch_size, tc.seed, cfg.data.shuffle_window)
         num_examples, vocab = len(positions), vocabularies(ds)
         features, item_counts_V = ds.features, ds.item_counts(positions)
         if prepared is not None and prepared.num_examples != num_examples:
