@@ -25,7 +25,9 @@ Writes JSON with, per size (`sizes`: list):
   train_in_memory_peak_rss_mib, train_in_memory_examples_per_sec
                                      the same training from the events in memory
 and once: window, baseline_rss_mib (imports only), batch_order_at_us ({batch: us} of
-BatchOrder.at over 10M examples, default data.shuffle_window), grain_index_shuffle_us (one grain.experimental.index_shuffle call), the
+BatchOrder.at over 10M examples, default data.shuffle_window), example_indices_us ({batch: us}
+of `example_indices` over 10M examples at the default window, what the Grain reader computes
+per batch), grain_index_shuffle_us (one grain.experimental.index_shuffle call), the
 reading settings and provenance.
 """
 
@@ -136,20 +138,25 @@ def child_order_cost() -> dict:
     import numpy as np
 
     from recsys.config import DataConfig
-    from recsys.data.batches import BatchOrder
-    n = 10_000_000
-    out = {}
+    from recsys.data.batches import BatchOrder, example_indices
+    n, window = 10_000_000, DataConfig().shuffle_window
+    out, direct = {}, {}
     for batch in (1024, 8192):
-        order = BatchOrder(np.arange(n), batch, 0, DataConfig().shuffle_window)
+        order = BatchOrder(np.arange(n), batch, 0, window)
         order.at(0)
         t0 = time.perf_counter()
         for step in range(200):
             order.at(step)
         out[str(batch)] = (time.perf_counter() - t0) / 200 * 1e6
+        rows = np.arange(batch)
+        t0 = time.perf_counter()
+        for step in range(200):
+            example_indices(step, rows, batch, n, 0, window)
+        direct[str(batch)] = (time.perf_counter() - t0) / 200 * 1e6
     t0 = time.perf_counter()
     for i in range(8192):
         grain.experimental.index_shuffle(i, n - 1, 0, 4)
-    return {"batch_order_at_us": out,
+    return {"batch_order_at_us": out, "example_indices_us": direct,
             "grain_index_shuffle_us": (time.perf_counter() - t0) / 8192 * 1e6}
 
 

@@ -132,14 +132,15 @@ def test_what_training_needs_besides_batches(data, ds, cfg):
 def test_a_windowed_reader_holds_only_the_shards_of_its_windows(data, cfg):
     if cfg.shuffle_window > 1000:
         pytest.skip("the whole data is one window: every shard serves every batch")
+    data = PreparedData.open(data.path)  # its own readers: other tests' may still read ahead
     shards = data._shards
     assert len(shards.files) >= 6  # a shard per window
     batch, most = 16, 0
-    with data.batches(batch, SEED, prefetch=2) as reader:
+    with data.batches(batch, SEED, prefetch=0) as reader:  # reads when asked: a known count
         for _ in range(3 * data.num_examples // batch):  # three epochs
             examples = next(reader).examples
             assert len(np.unique(examples // WINDOW)) <= 2  # one window, or the next one too
             most = max(most, len(shards.open_shards))
-    # The windows of the last 4 reads and of the 2 read ahead: ~100 places of the order, at
-    # most 4 windows of 48 (5 with the short last one), of the 8.
-    assert 2 <= most <= 5 < len(shards.files)
+    # The windows of the last 4 reads: 64 places of the order, at most 3 windows of 48 (4 with
+    # the short last one), of the 8.
+    assert 2 <= most <= 4 < len(shards.files)

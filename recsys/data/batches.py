@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from recsys.data.dataset import Dataset, FeatureTables
@@ -87,7 +89,7 @@ def _permuted(index_N: np.ndarray, n: int, key: tuple[int, ...]) -> np.ndarray:
     """`shuffled`, keyed by any tuple of non-negative ints."""
     half = max(1, (int(n - 1).bit_length() + 1) // 2)
     shift, top, mask = np.uint64(half), np.uint64(64 - half), np.uint64((1 << half) - 1)
-    keys = np.random.SeedSequence(list(key)).generate_state(_ROUNDS, np.uint64)
+    keys = _round_keys(key)
     out = np.asarray(index_N, np.uint64).copy()
     todo = np.arange(len(out))
     x = out
@@ -103,6 +105,21 @@ def _permuted(index_N: np.ndarray, n: int, key: tuple[int, ...]) -> np.ndarray:
         outside = x >= n
         todo, x = todo[outside], x[outside]
     return out.astype(np.int64)
+
+
+@functools.lru_cache(maxsize=1024)
+def _round_keys(key: tuple[int, ...]) -> tuple[np.uint64, ...]:
+    """The Feistel round keys of `key` (SeedSequence costs ~20 us: a batch reuses them)."""
+    return tuple(np.random.SeedSequence(list(key)).generate_state(_ROUNDS, np.uint64))
+
+
+@functools.lru_cache(maxsize=8)
+def _window_order(count: int, seed: int, epoch: int) -> tuple[np.ndarray, int]:
+    """(the window at each place [count], the place of the last window) of epoch `epoch`:
+    computed once per epoch (a few elements cycle-walk a small domain many times)."""
+    window_at_C = _permuted(np.arange(count), count, (seed, epoch, 0))
+    window_at_C.flags.writeable = False
+    return window_at_C, int(np.flatnonzero(window_at_C == count - 1)[0])
 
 
 def storage_order(num_examples: int, window: int, first: int = 0,
@@ -128,8 +145,7 @@ def epoch_places(within_N: np.ndarray, num_examples: int, window: int, seed: int
         return shuffled(within_N, num_examples, seed, epoch)
     count = -(-num_examples // window)
     last = num_examples - (count - 1) * window  # the last window's examples (1 .. window)
-    window_at_C = _permuted(np.arange(count), count, (seed, epoch, 0))  # place -> window
-    short = int(np.flatnonzero(window_at_C == count - 1)[0])  # the place of the last window
+    window_at_C, short = _window_order(count, seed, epoch)  # place -> window; the last's place
     after = short * window + last  # the first place after the short window
     place_N = np.where(within_N < short * window, within_N // window,
                        np.where(within_N < after, short, (within_N - last) // window + 1))
