@@ -1,6 +1,7 @@
-"""Regenerates every table of docs/results.md and docs/reliability.md from the committed JSON.
+"""Regenerates every table of docs/results.md, docs/reliability.md and docs/data.md from the
+committed JSON.
 
-    python -m benchmarks.report            # rewrite both pages in place
+    python -m benchmarks.report            # rewrite the pages in place
     python -m benchmarks.report --check    # exit 1 and print a diff when one would change
 
 Each generated block sits between `<!-- report:NAME -->` and `<!-- /report:NAME -->`; the prose
@@ -24,7 +25,7 @@ import numpy as np
 
 DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs"
 RESULTS = DOCS / "results.md"
-PAGES = (RESULTS, DOCS / "reliability.md")
+PAGES = (RESULTS, DOCS / "reliability.md", DOCS / "data.md")
 DATA = "../shared/data/ml-latest-small"
 METRICS = ("hr@10", "hr@50", "hr@100", "ndcg@10")
 BLOCK = re.compile(r"<!-- report:(?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- /report:(?P=name) -->",
@@ -490,6 +491,56 @@ def faults_table(d: dict) -> str:
     return "\n".join(lines) + note + _provenance(d)
 
 
+# Input memory (docs/input_memory.json, benchmarks.input_memory) --------------------------------
+
+def _mib(x: float) -> str:
+    return f"{x / 1024:.2f} GiB" if x >= 1024 else f"{x:,.0f} MiB"
+
+
+def input_memory_table(d: dict) -> str:
+    """Per size: prepare, disk, the Grain reader's peak RSS, read speed, the in-memory path and
+    training from either; the settings and the order's cost below."""
+    lines = [_row(["events", "examples", "prepare", "on disk (shards)",
+                   "reader peak RSS (most shards open)", "read, cached / cold",
+                   "in-memory path peak RSS",
+                   "training from prepared / from the events: peak RSS, examples/s"]),
+             "|---|" + "---|" * 7]
+    for z in d["sizes"]:
+        lines.append(_row([
+            f"{z['events'] / 1e6:.2f}M", f"{z['examples'] / 1e6:.2f}M",
+            (f"{z['prepare_seconds']:.0f} s ({z['events'] / z['prepare_seconds'] / 1e3:.0f}k "
+            f"events/s), {_mib(z['prepare_peak_rss_mib'])}"),
+            f"{_mib(z['disk_mib'])} ({z['shards']})",
+            f"{_mib(z['peak_rss_mib'])} ({z['open_shards_max']})",
+            (f"{z['read_examples_per_sec'] / 1e3:.0f}k / "
+            f"{z['read_examples_per_sec_cold'] / 1e3:.0f}k examples/s"),
+            _mib(z["in_memory_peak_rss_mib"]),
+            (f"{_mib(z['train_peak_rss_mib'])} / {_mib(z['train_in_memory_peak_rss_mib'])}; "
+            f"{z['train_examples_per_sec'] / 1e3:.0f}k / "
+            f"{z['train_in_memory_examples_per_sec'] / 1e3:.0f}k")]))
+    cost = lambda key: ", ".join(f"{us:.0f} µs for {b}" for b, us in d[key].items())
+    note = (f"\n\n`data.shuffle_window={d['window']}`, batch {d['batch']}, prefetch "
+            f"{d['prefetch']}, {d['steps']} batches read per size; a process that only imports "
+            f"the reader peaks at {_mib(d['baseline_rss_mib'])}. Over 10M examples at the "
+            f"default window: `BatchOrder.at` {cost('batch_order_at_us')}, `example_indices` "
+            f"{cost('example_indices_us')} (Grain's `index_shuffle`: "
+            f"{d['grain_index_shuffle_us']:.1f} µs per index).")
+    return "\n".join(lines) + note + _provenance(d)
+
+
+def shuffle_table(d: dict) -> str:
+    """Retrieval and pipeline quality per seed, then mean ± std (one pipeline_seeds file)."""
+    runs = _runs(d)
+    ms = [r["metrics"] for r in runs]
+    keys = ["retrieval/hr@10", "retrieval/hr@100", "retrieval/ndcg@10", "pipeline/hr@10",
+            "pipeline/ndcg@10"]
+    lines = [_row(["seed", *keys]), "|---|" + "---:|" * len(keys)]
+    lines += [_row([r["seed"], *(f"{m[k]:.4f}" for k in keys)]) for r, m in zip(runs, ms)]
+    lines.append(_row(["**mean ± std**", *(mean_std(m[k] for m in ms) for k in keys)]))
+    sets = " ".join(f"`--set {s}`" for s in d.get("sets", [])) or "no `--set`"
+    return "\n".join(lines) + f"\n\n`{d['config']}`, {sets}." + _provenance(d)
+
+
 @dataclasses.dataclass(frozen=True)
 class Section:
     source: str  # JSON file beside the page
@@ -500,6 +551,9 @@ class Section:
 
 PIPELINE = (f"python -m benchmarks.pipeline_seeds --config configs/movielens.py --data {DATA} "
             "--seeds 0,1,2 --json docs/pipeline.json")
+WHOLE_JSON = "--json docs/pipeline_whole.json"
+WHOLE = (f"python -m benchmarks.pipeline_seeds --config configs/movielens.py --data {DATA} "
+         f"--seeds 0,1,2,3,4,5 {WHOLE_JSON}")
 SECTIONS = {
     "ablation": Section("ablation.json", f"python -m benchmarks.ablation --data {DATA} "
                         "--seeds 0,1,2 --json docs/ablation.json", ablation_table),
@@ -527,6 +581,8 @@ SECTIONS = {
                          index_table),
     "faults": Section("faults.json", "python -m benchmarks.faults --json docs/faults.json",
                       faults_table, page="reliability.md"),
+    "input-memory": Section("input_memory.json", "python -m benchmarks.input_memory --json "
+                            "docs/input_memory.json", input_memory_table, page="data.md"),
 }
 
 
