@@ -177,6 +177,18 @@ def test_a_windowed_batch_order_covers_each_epoch_from_one_window_at_a_time():
     np.testing.assert_array_equal(BatchOrder(positions, 50, 2, 300).at(17), order.at(17))
 
 
+@pytest.mark.parametrize("window", [WINDOW, 300])
+def test_large_data_computes_each_batch_as_the_cached_epoch_order_gives_it(window, monkeypatch):
+    from recsys.data import batches
+    positions = np.arange(3000, 5000)
+    cached = [BatchOrder(positions, 64, 5, window).at(s, rows=np.arange(7, 40)) for s in range(70)]
+    monkeypatch.setattr(batches, "CACHED_PERMUTATION_MAX", 100)  # as above 16M examples
+    order = BatchOrder(positions, 64, 5, window)
+    for s in range(70):  # two epochs and a bit
+        np.testing.assert_array_equal(order.at(s, rows=np.arange(7, 40)), cached[s])
+    assert not order._permutations  # no epoch-sized array was built
+
+
 def test_example_inputs_shapes():
     from recsys.data.synthetic import generate
     ds = dataset.build(generate(DataConfig(num_users=50, num_items=80)), DataConfig(history_len=6))
