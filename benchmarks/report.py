@@ -583,6 +583,10 @@ SECTIONS = {
                       faults_table, page="reliability.md"),
     "input-memory": Section("input_memory.json", "python -m benchmarks.input_memory --json "
                             "docs/input_memory.json", input_memory_table, page="data.md"),
+    "shuffle-whole": Section("pipeline_whole.json", WHOLE, shuffle_table, page="data.md"),
+    "shuffle-window": Section("pipeline_window.json", f"{WHOLE.removesuffix(WHOLE_JSON)}--set "
+                              "data.shuffle_window=16384 --json docs/pipeline_window.json",
+                              shuffle_table, page="data.md"),
 }
 
 
