@@ -202,10 +202,10 @@ class _Shards:
     each: a read is a seek and a read), closed once `keep_reads` reads in a row have touched
     no window of examples it overlaps (windows: `window` consecutive records, what the order
     reads at a time): a reader holds its shard's whole record index (~11 bytes a record), so a
-    process holds one or two windows' indexes, not all of them. Not array_record's ArrayRecordDataSource (what TFDS's and
-    Grain's data sources wrap): it starts a thread pool per call, each new thread gets another
-    malloc arena, and a reader of 300 batches of 1024 from 183 MiB of records grew to 900 MiB
-    RSS (flat at 350 MiB this way). Not `ArrayRecordReader.read(indices)` either: each call
+    process holds one or two windows' indexes, not all of them. Not array_record's
+    ArrayRecordDataSource (what TFDS's and Grain's data sources wrap): it starts a thread pool
+    per call, each new thread gets another malloc arena, and a reader of 300 batches of 1024
+    from 183 MiB of records grew to 900 MiB RSS (flat at 350 MiB this way). Not `ArrayRecordReader.read(indices)` either: each call
     costs time in proportion to the shard's records (3 ms at 1M records), so batches slowed
     down as the data grew; seek + read costs ~5-20 us per record at any size.
     """

@@ -5,8 +5,9 @@ storage order (`recsys.data.batches.storage_order`: the positions of
 `ds.train_positions(cfg.trained_on, cfg.max_examples_per_user)` in their own order up to
 `cfg.shuffle_window` examples, pre-shuffled above): exactly what
 `recsys.data.batches.example_inputs` returns for its position, with the example's index and
-position. Shards hold at most a window of examples, so reading one window touches one or two. Training then reads batches through Grain (`recsys.data.grain_input`)
-without ever loading the event log.
+position. Shards hold at most a window of examples, so reading one window touches one or
+two. Training then reads batches through Grain (`recsys.data.grain_input`) without ever
+loading the event log.
 
     DIR/spec.json                 format, features (name, dtype, shape), counts, vocabulary
                                   sizes, history_len, the data config; written last
@@ -22,9 +23,9 @@ it like any TFDS dataset.
 
 Everything is written under DIR.tmp and renamed to DIR when complete, so a DIR with a
 spec.json is always whole. In process, `tfds.core.SequentialWriter` streams the records into
-TFDS's shards (at most 256 MiB and a window each); with `beam_options` (`recsys prepare --beam`), the
-builder's Beam pipeline and TFDS's Beam writer do, on the DirectRunner here or on Dataflow,
-Flink or Spark (workers rebuild the Dataset from the data config, so its files must be
+TFDS's shards (at most 256 MiB and a window each); with `beam_options` (`recsys prepare
+--beam`), the builder's Beam pipeline and TFDS's Beam writer do, on the DirectRunner here or
+on Dataflow, Flink or Spark (workers rebuild the Dataset from the data config, so its files must be
 reachable from them).
 """
 
