@@ -491,6 +491,37 @@ def faults_table(d: dict) -> str:
     return "\n".join(lines) + note + _provenance(d)
 
 
+# Accelerator check (docs/gpu.json, benchmarks.gpu) ---------------------------------------------
+
+def gpu_table(d: dict) -> str:
+    """Throughput per compute dtype, then the sharding equality line."""
+    dev = d["device"]
+    lines = [_row(["compute_dtype", "batch", "steps", "examples/s end to end",
+                   "examples/s on the device", "final loss"]), "|---|---:|---:|---:|---:|---:|"]
+    for dtype, r in d["throughput"].items():
+        if "error" in r:
+            lines.append(_row([dtype, "", "", f"failed: {r['error'][:120]}", "", ""]))
+            continue
+        on_device = r.get("device_examples_per_sec")
+        lines.append(_row([dtype, r["batch_size"], r["steps"], f"{r['examples_per_sec']:,.0f}",
+                           f"{on_device:,.0f}" if on_device else "", f"{r['final_loss']:.4f}"]))
+    e = d["equality"]
+    speedup = f"{d['bf16_speedup']:.2f}x" if d.get("bf16_speedup") else "not measured"
+    if e["max_loss_diff"] is None:
+        equal = "failed to run: " + next(r["error"][:200] for r in (e["accelerator"], e["cpu8"])
+                                         if "error" in r)
+    else:
+        a, c = e["accelerator"], e["cpu8"]
+        mesh = lambda r: " x ".join(f"{k} {v}" for k, v in r["mesh"].items())
+        equal = (f"{len(a['losses'])} sgd steps on mesh {mesh(a)} ({a['platform']}) against "
+                 f"{mesh(c)} (8 CPU devices): largest per-step loss difference "
+                 f"{e['max_loss_diff']:.1e}, {'within' if e['equal'] else 'OVER'} the tolerance "
+                 f"{e['tolerance']:.0e}")
+    return ("\n".join(lines) + f"\n\n{dev['device_count']} x {dev['device_kind']} "
+            f"({dev['platform']}); bfloat16 / float32 end to end: {speedup}. Sharding equality: "
+            f"{equal}." + _provenance(d))
+
+
 # Input memory (docs/input_memory.json, benchmarks.input_memory) --------------------------------
 
 def _mib(x: float) -> str:
@@ -581,6 +612,7 @@ SECTIONS = {
                          index_table),
     "faults": Section("faults.json", "python -m benchmarks.faults --json docs/faults.json",
                       faults_table, page="reliability.md"),
+    "gpu": Section("gpu.json", "python -m benchmarks.gpu --json docs/gpu.json", gpu_table),
     "input-memory": Section("input_memory.json", "python -m benchmarks.input_memory --json "
                             "docs/input_memory.json", input_memory_table, page="data.md"),
     "shuffle-whole": Section("pipeline_whole.json", WHOLE, shuffle_table, page="data.md"),

@@ -121,6 +121,25 @@ def _logits_blocks() -> dict:
             "default_block": {"1024": 0, "8192": 128}}
 
 
+def _gpu() -> dict:
+    """benchmarks/gpu.py's shape: one H200, bf16 1.8x faster, meshes equal to 3e-6."""
+    run = {"platform": "gpu", "device_kind": "NVIDIA H200", "devices": 1, "batch_size": 8192,
+           "steps": 300, "seconds": 1.0, "mesh": {"data": 1, "model": 1}}
+    losses = [5.0, 4.5, 4.2]
+    return {"device": {"platform": "gpu", "device_kind": "NVIDIA H200", "device_count": 1},
+            "throughput": {"float32": {**run, "compute_dtype": "float32",
+                                       "examples_per_sec": 1.0e6,
+                                       "device_examples_per_sec": 1.2e6, "final_loss": 4.1},
+                           "bfloat16": {**run, "compute_dtype": "bfloat16",
+                                        "examples_per_sec": 1.8e6,
+                                        "device_examples_per_sec": 2.4e6, "final_loss": 4.11}},
+            "bf16_speedup": 1.8,
+            "equality": {"accelerator": {**run, "losses": losses},
+                         "cpu8": {**run, "platform": "cpu", "mesh": {"data": 4, "model": 2},
+                                  "losses": losses},
+                         "max_loss_diff": 3e-6, "tolerance": 1e-4, "equal": True}}
+
+
 def _docs(tmp_path: pathlib.Path, **files) -> pathlib.Path:
     (tmp_path / "results.md").write_text(PAGE)
     for name, data in files.items():
@@ -131,7 +150,7 @@ def _docs(tmp_path: pathlib.Path, **files) -> pathlib.Path:
 def test_tables_render_mean_and_std_over_seeds(tmp_path):
     results = _docs(tmp_path, ablation=_ablation(), pipeline=_pipeline(), serving=_serving(),
                     sharding=_sharding(), index=_index(), http=_http(), scale_runs=_scale(),
-                    throughput=_throughput(), logits_blocks=_logits_blocks(),
+                    throughput=_throughput(), logits_blocks=_logits_blocks(), gpu=_gpu(),
                     index_10m={**_index(), "num_items": 10_000_000})
     assert report.main(["--results", str(results)]) == 0
     text = results.read_text()
@@ -158,6 +177,11 @@ def test_tables_render_mean_and_std_over_seeds(tmp_path):
            "0.200 ± 0.000 |" in text
     assert "| MMR, vectors similarity, lambda 0.5 | 0.0650 ± 0.0150 |" in text
     assert "| explore, temperature 0.3 |" in text
+    # gpu: a row per compute dtype, the speed-up and the equality line
+    assert "| bfloat16 | 8192 | 300 | 1,800,000 | 2,400,000 | 4.1100 |" in text
+    assert ("1 x NVIDIA H200 (gpu); bfloat16 / float32 end to end: 1.80x. Sharding equality: 3 "
+            "sgd steps on mesh data 1 x model 1 (gpu) against data 4 x model 2 (8 CPU devices): "
+            "largest per-step loss difference 3.0e-06, within the tolerance 1e-04.") in text
     # serving and sharding
     assert ("| `runs/pipeline/seed0/artifacts`, 9,742 items | ScaNN brute force | 0.50 | 0.50 | "
             "**3.08 / 8.36** | 0.37 | 233 / 456 | 7.5 | 0 |") in text
