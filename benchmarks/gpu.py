@@ -18,6 +18,13 @@ names its run and the others still report.
    on both (`jax_default_matmul_precision=highest`: a GPU's default is TF32): the largest
    difference of the per-step losses, against `--tolerance`.
 
+On the nvidia-h200 image (Python 3.12, jax 0.11.2 with CUDA, flax, optax, orbax, tqdm, rich),
+recsys travels as the working tree (`PYTHONPATH=.`) and only tensorboardX is missing: carry its
+wheel (`pip download --no-deps --only-binary=:all: tensorboardX==2.6.5 -d .whl` here, then
+`pip install --no-index --no-deps --target /tmp/site .whl/*.whl` and `PYTHONPATH=.:/tmp/site`
+there; the device tool's README has the details). This repository's CI pins jax 0.10.2, so a
+GPU run also checks the next jax.
+
 Writes JSON with: device (platform, device_kind, device_count of the default backend),
 throughput ({dtype: run}), bf16_speedup (bfloat16 / float32 end-to-end examples/s),
 equality ({accelerator: run, cpu8: run, max_loss_diff, tolerance, equal}), provenance.
