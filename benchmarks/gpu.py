@@ -22,8 +22,9 @@ On the nvidia-h200 image (Python 3.12, jax 0.11.2 with CUDA, flax, optax, orbax,
 recsys travels as the working tree (`PYTHONPATH=.`) and only tensorboardX is missing: carry its
 wheel (`pip download --no-deps --only-binary=:all: tensorboardX==2.6.5 -d .whl` here, then
 `pip install --no-index --no-deps --target /tmp/site .whl/*.whl` and `PYTHONPATH=.:/tmp/site`
-there; the device tool's README has the details). This repository's CI pins jax 0.10.2, so a
-GPU run also checks the next jax.
+there; the device tool's README has the details). pyproject.toml asks for jax 0.10 (what CI
+tests); the image's 0.11.2 with its CUDA plugin is what can run there (the plugin's wheels are
+too large to carry), so a GPU run is also recsys's first on jax 0.11.
 
 Writes JSON with: device (platform, device_kind, device_count of the default backend),
 throughput ({dtype: run}), bf16_speedup (bfloat16 / float32 end-to-end examples/s),
