@@ -26,7 +26,8 @@ there; the device tool's README has the details). pyproject.toml asks for jax 0.
 tests); the image's 0.11.2 with its CUDA plugin is what can run there (the plugin's wheels are
 too large to carry), so a GPU run is also recsys's first on jax 0.11.
 
-Writes JSON with: device (platform, device_kind, device_count of the default backend),
+Writes JSON with: device (platform, device_kind, device_count of the default backend, as the
+runs saw it; null if none ran),
 throughput ({dtype: run}), bf16_speedup (bfloat16 / float32 end-to-end examples/s),
 equality ({accelerator: run, cpu8: run, max_loss_diff, tolerance, equal}), provenance.
 Without an accelerator everything runs on the CPU, which checks the script, not a GPU.
@@ -132,32 +133,34 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", help="also write the result here")
     args = p.parse_args(argv)
 
-    import jax  # the default backend, as the children see it
-    device = jax.devices()[0]
-    result: dict = {"device": {"platform": device.platform, "device_kind": device.device_kind,
-                               "device_count": jax.device_count()}}
-    say(f"{jax.device_count()} x {device.device_kind} ({device.platform})")
-    mesh = f"mesh.data={jax.device_count()}"
+    # This process never starts a backend: on a GPU, JAX would take most of its memory from the
+    # children. The accelerator's runs use all its devices (mesh.data=-1) and say which they are.
+    mesh = ["mesh.data=-1", "mesh.model=1"]
     throughput = {}
     for dtype in ("float32", "bfloat16"):
         say(f"throughput: batch {args.batch}, {args.steps} steps, compute_dtype={dtype}")
-        throughput[dtype] = run([mesh, "mesh.model=1", f"train.batch_size={args.batch}",
+        throughput[dtype] = run([*mesh, f"train.batch_size={args.batch}",
                                  f"train.num_steps={args.steps}", "train.eval_every=0",
                                  "train.checkpoint_every=0", f"train.log_every={args.steps}",
                                  f"train.compute_dtype={dtype}"])
-    result["throughput"] = throughput
     ok = [throughput[d].get("examples_per_sec") for d in ("float32", "bfloat16")]
-    result["bf16_speedup"] = ok[1] / ok[0] if all(ok) else None
+    result: dict = {"throughput": throughput,
+                    "bf16_speedup": ok[1] / ok[0] if all(ok) else None}
 
     steps = [f"train.num_steps={args.equality_steps}", "train.log_every=1", *EQUALITY]
-    say(f"sharding equality: {args.equality_steps} sgd steps, {mesh} x 1 vs 8 CPU devices 4 x 2")
-    here = run([mesh, "mesh.model=1", *steps], highest_precision=True)
+    say(f"sharding equality: {args.equality_steps} sgd steps, all devices x 1 vs 8 CPU devices "
+        "4 x 2")
+    here = run([*mesh, *steps], highest_precision=True)
     cpu8 = run(["mesh.data=4", "mesh.model=2", *steps], cpu_devices=8, highest_precision=True)
     diff = (max(abs(a - b) for a, b in zip(here["losses"], cpu8["losses"], strict=True))
             if "losses" in here and "losses" in cpu8 else None)
     result["equality"] = {"accelerator": here, "cpu8": cpu8, "max_loss_diff": diff,
                           "tolerance": args.tolerance,
                           "equal": diff is not None and diff <= args.tolerance}
+    seen = next((r for r in (*throughput.values(), here) if "platform" in r), None)
+    result["device"] = ({"platform": seen["platform"], "device_kind": seen["device_kind"],
+                         "device_count": seen["devices"]} if seen else None)
+    say(f"device: {result['device']}")
     result["provenance"] = provenance.record()
     provenance.emit(result, args.json)
     return result

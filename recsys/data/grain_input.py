@@ -199,30 +199,32 @@ class _Shards:
     """A TFDS split's ArrayRecord shards as one sequence of records, read in the calling thread.
 
     One reader per shard, opened when a read needs it and shared by Grain's threads (a lock
-    each: a read is a seek and a read), closed once `keep_reads` reads in a row have touched
+    each: a read is a seek and a read), closed once KEEP_READS reads in a row have touched
     no window of examples it overlaps (windows: `window` consecutive records, what the order
     reads at a time): a reader holds its shard's whole record index (~11 bytes a record), so a
     process holds one or two windows' indexes, not all of them. Not array_record's
     ArrayRecordDataSource (what TFDS's and Grain's data sources wrap): it starts a thread pool
     per call, each new thread gets another malloc arena, and a reader of 300 batches of 1024
-    from 183 MiB of records grew to 900 MiB RSS (flat at 350 MiB this way). Not `ArrayRecordReader.read(indices)` either: each call
-    costs time in proportion to the shard's records (3 ms at 1M records), so batches slowed
-    down as the data grew; seek + read costs ~5-20 us per record at any size.
+    from 183 MiB of records grew to 900 MiB RSS (flat at 350 MiB this way). Not
+    `ArrayRecordReader.read(indices)` either: each call costs time in proportion to the shard's
+    records (3 ms at 1M records), so batches slowed down as the data grew; seek + read costs
+    ~5-20 us per record at any size.
     """
 
     OPTIONS = "readahead_buffer_size:0,max_parallelism:0"  # array_record's random-access advice
     BUFFER_BYTES = 4096  # read per record (rows are ~0.2-1 KiB; larger ones are read whole)
+    KEEP_READS = 4  # reads in a row that leave a shard's windows untouched before it is closed
 
-    def __init__(self, file_instructions, window: int, keep_reads: int = 4):
+    def __init__(self, file_instructions, window: int):
         self.files = [f.filename for f in file_instructions]
         self.skip = np.array([f.skip for f in file_instructions], np.int64)
         self.start = np.concatenate([[0], np.cumsum([f.take for f in file_instructions])])
-        self.window, self.keep_reads = window, keep_reads
+        self.window = window
         self._readers: list = [None] * len(self.files)
         self._locks = [threading.Lock() for _ in self.files]  # one read of a shard at a time
         self._lock = threading.Lock()  # opening, closing and the counts below
         self._reads = 0  # read() calls begun
-        self._last_read = [0] * len(self.files)  # the read() that last touched each shard's windows
+        self._last_read = [0] * len(self.files)  # the read() last touching each shard's windows
         self._users = [0] * len(self.files)  # read() calls using each shard now
 
     @property
@@ -289,10 +291,10 @@ class _Shards:
         return sorted(out)
 
     def _close_idle(self) -> None:
-        """Closes the readers no read is using that the last `keep_reads` reads did not use
-        (the caller holds self._lock)."""
+        """Closes the readers no read is using whose windows the last KEEP_READS reads did not
+        touch (the caller holds self._lock)."""
         for shard in self.open_shards:
-            if self._users[shard] == 0 and self._last_read[shard] <= self._reads - self.keep_reads:
+            if self._users[shard] == 0 and self._last_read[shard] <= self._reads - self.KEEP_READS:
                 self._readers[shard].close()
                 self._readers[shard] = None
 

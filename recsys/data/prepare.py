@@ -25,8 +25,8 @@ Everything is written under DIR.tmp and renamed to DIR when complete, so a DIR w
 spec.json is always whole. In process, `tfds.core.SequentialWriter` streams the records into
 TFDS's shards (at most 256 MiB and a window each); with `beam_options` (`recsys prepare
 --beam`), the builder's Beam pipeline and TFDS's Beam writer do, on the DirectRunner here or
-on Dataflow, Flink or Spark (workers rebuild the Dataset from the data config, so its files must be
-reachable from them).
+on Dataflow, Flink or Spark (workers rebuild the Dataset from the data config, so its files
+must be reachable from them).
 """
 
 from __future__ import annotations
